@@ -1,0 +1,10 @@
+""" timm-dbp: Decorrelated Backpropagation (arXiv 2405.02385) for timm models
+
+`import timm_dbp` registers the dbp_ models with timm's model registry and the dbp optimizers
+(dbpsgd, dbpadamw, ...) with timm's optimizer registry.
+"""
+from .layers import DecorConv2d, DecorLinear, decor_layers, decorrelate, fold
+from .models import *
+from .optim import DBP_DEFAULTS, NoDecorLayersWarning, is_dbp_optimizer, register_dbp_optimizer, with_dbp
+
+__version__ = '0.1.0'

@@ -1,0 +1,112 @@
+""" Convert any model to DBP form and back
+
+`decorrelate(model)` swaps Conv2d / Linear layers for their DBP twins (same weight tensors, R = I, so the
+function is unchanged); `fold(model)` swaps every DBP layer for a plain one holding W R, so inference
+costs exactly what the plain model costs and the state dict matches the plain architecture.
+Both walk the model recursively and return it, like `timm.layers.convert_sync_batchnorm`.
+"""
+from fnmatch import fnmatch
+from typing import Iterator, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from timm.layers import Linear as TimmLinear
+
+from .decor_layers import DECOR_LAYERS, DecorConv2d, DecorLayer, DecorLinear
+
+__all__ = ['decorrelate', 'fold', 'decor_layers']
+
+_CONVERTIBLE_LINEAR = (nn.Linear, TimmLinear)  # exact types; subclasses may change the maths
+
+
+def decor_layers(model: nn.Module) -> Iterator[Tuple[str, DecorLayer]]:
+    """Yield (name, layer) for every DBP layer in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, DECOR_LAYERS):
+            yield name, module
+
+
+def _decor_dim(module: nn.Module) -> int:
+    return module.weight[0].numel()
+
+
+def _to_dbp(module: nn.Module, name: str, exclude: Sequence[str], max_dim: Optional[int], conv: bool, linear: bool):
+    if any(fnmatch(name, pattern) for pattern in exclude):
+        return None
+    if max_dim is not None and _decor_dim(module) > max_dim:
+        return None
+    if conv and type(module) is nn.Conv2d:
+        return DecorConv2d.from_conv(module)
+    if linear and type(module) in _CONVERTIBLE_LINEAR:
+        return DecorLinear.from_linear(module)
+    return None
+
+
+def decorrelate(
+        model: nn.Module,
+        exclude: Sequence[str] = (),
+        max_dim: Optional[int] = None,
+        conv: bool = True,
+        linear: bool = True,
+) -> nn.Module:
+    """Convert the Conv2d / Linear layers of `model` to DBP form in place (same function: R = I).
+
+    Only exact nn.Conv2d, nn.Linear and timm.layers.Linear are converted (subclasses such as StdConv2d
+    or Conv2dSame change the maths and are left alone). Weight and bias tensors are kept, not copied.
+
+    Args:
+        model: Any torch module; if it is itself a convertible layer, its DBP twin is returned.
+        exclude: fnmatch patterns of module names to leave plain (e.g. ['conv1', 'layer4.*']).
+        max_dim: Leave layers whose input dimension d (C_in / groups * kh * kw, or in_features) exceeds it.
+        conv: Convert Conv2d layers.
+        linear: Convert Linear layers.
+
+    Returns:
+        The converted model.
+    """
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    if max_dim is not None and max_dim < 1:
+        raise ValueError(f'max_dim must be >= 1 or None, got {max_dim}')
+    converted = _to_dbp(model, '', exclude, max_dim, conv, linear)
+    if converted is not None:
+        return converted
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full_name = f'{name}.{child_name}' if name else child_name
+            converted = _to_dbp(child, full_name, exclude, max_dim, conv, linear)
+            if converted is not None:
+                setattr(module, child_name, converted)
+    return model
+
+
+@torch.no_grad()
+def _plain_twin(layer: DecorLayer) -> nn.Module:
+    w = layer.weight
+    if isinstance(layer, DecorConv2d):
+        plain = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+            padding_mode=layer.padding_mode, device='meta', dtype=w.dtype,
+        )
+    else:
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device='meta', dtype=w.dtype)
+    plain.weight = nn.Parameter(layer.decorrelated_weight().detach().clone(), requires_grad=w.requires_grad)
+    plain.bias = layer.bias
+    plain.train(layer.training)
+    return plain
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Replace every DBP layer by a plain Conv2d / Linear with weight W R, in place; returns the model.
+
+    Outputs are unchanged up to float rounding, no DBP buffer is left, and the state dict keys are those
+    of the plain architecture (a folded `dbp_resnet18` loads into timm's `resnet18`).
+    """
+    if isinstance(model, DECOR_LAYERS):
+        return _plain_twin(model)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, DECOR_LAYERS):
+                setattr(module, child_name, _plain_twin(child))
+    return model

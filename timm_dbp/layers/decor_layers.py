@@ -1,0 +1,250 @@
+""" Decorrelated Conv2d and Linear layers
+
+DecorConv2d / DecorLinear keep the original `weight` and `bias` (same names and shapes as nn.Conv2d /
+nn.Linear, so timm and torchvision checkpoints fit) and add one persistent buffer `decor_matrix`, the
+d x d decorrelation matrix R (conv: d = C_in / groups * kh * kw, linear: d = in_features), initialised
+to the identity, so a fresh layer computes exactly what the plain layer computes.
+
+Forward is fused: A = W R (W reshaped to C_out x d), then a single ordinary conv / linear with the
+layer's own stride, padding, dilation, groups and bias. The gradient for W flows through A with R
+fixed, which equals backprop on the decorrelated input z = R x.
+
+R is never trained by autograd. A DBP optimizer arms a layer (`decor_samples > 0`) for the forward of
+a step that updates R; that forward then stores a random sample of its inputs (patches or rows, drawn
+without replacement), overwriting any earlier one, so a gradient-checkpoint re-run is harmless. The
+optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed forwards cost nothing.
+
+Paper: https://arxiv.org/abs/2405.02385
+"""
+import weakref
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.layers import register_notrace_module
+
+from .decorrelation import decorrelation_update_, offdiag_correlation
+
+__all__ = ['DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'find_decor_layer', 'sample_conv_patches']
+
+
+def sample_conv_patches(x: torch.Tensor, conv: nn.Conv2d, num_samples: int) -> torch.Tensor:
+    """Draw receptive-field patches of `conv` from input x, uniformly without replacement.
+
+    A patch is indexed by (image, group, output row, output column); its entries are ordered
+    (channel, kernel row, kernel column), the same order as `conv.weight[o].flatten()`.
+
+    Args:
+        x: Conv input, shape (B, C, H, W).
+        conv: The convolution whose patches are drawn (padding mode, stride, dilation, groups).
+        num_samples: How many patches; capped at the number of patches in x.
+
+    Returns:
+        Patches, shape (min(num_samples, B * groups * H_out * W_out), C / groups * kh * kw).
+    """
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    mode = 'constant' if conv.padding_mode == 'zeros' else conv.padding_mode
+    xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    B, C, Hp, Wp = xp.shape
+    groups = conv.groups
+    Ho = (Hp - dh * (kh - 1) - 1) // sh + 1
+    Wo = (Wp - dw * (kw - 1) - 1) // sw + 1
+    per_image = groups * Ho * Wo
+    n = min(num_samples, B * per_image)
+    idx = torch.randperm(B * per_image, device=x.device)[:n]
+    b, rest = idx // per_image, idx % per_image
+    g, pos = rest // (Ho * Wo), rest % (Ho * Wo)
+    oh, ow = pos // Wo, pos % Wo
+    cg = C // groups
+    dev = x.device
+    chans = g[:, None] * cg + torch.arange(cg, device=dev)  # (n, cg)
+    rows = oh[:, None] * sh + torch.arange(kh, device=dev) * dh  # (n, kh)
+    cols = ow[:, None] * sw + torch.arange(kw, device=dev) * dw  # (n, kw)
+    patches = xp[b[:, None, None, None], chans[:, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    return patches.reshape(n, cg * kh * kw)
+
+
+# id(weight) -> (weakref(weight), weakref(layer)): lets an optimizer, which only sees parameters, find the
+# DBP layer a weight belongs to. Ids, not WeakKeyDictionary, because tensors compare elementwise.
+_LAYER_OF_WEIGHT: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _register_weight(layer: nn.Module) -> None:
+    key = id(layer.weight)
+
+    def _forget(ref: weakref.ref, key: int = key) -> None:
+        entry = _LAYER_OF_WEIGHT.get(key)
+        if entry is not None and entry[0] is ref:
+            del _LAYER_OF_WEIGHT[key]
+
+    _LAYER_OF_WEIGHT[key] = (weakref.ref(layer.weight, _forget), weakref.ref(layer))
+
+
+def find_decor_layer(param: torch.Tensor) -> Optional['DecorLayer']:
+    """The DBP layer whose `weight` is `param`, or None."""
+    entry = _LAYER_OF_WEIGHT.get(id(param))
+    if entry is None:
+        return None
+    weight, layer = entry[0](), entry[1]()
+    if weight is not param or layer is None or layer.weight is not param:
+        return None
+    return layer
+
+
+class DecorLayer:
+    """State and update shared by DecorConv2d and DecorLinear (a mixin; R is `decor_matrix`).
+
+    Buffers: `decor_matrix` (persistent, R), and non-persistent counters `decor_updates`,
+    `decor_skipped` (updates applied / refused by a stability guard) and `decor_loss` (loss of the last
+    sample, NaN before the first update).
+    """
+    __jit_unused_properties__ = ['decor_dim']
+    decor_matrix: torch.Tensor
+    decor_samples: int
+
+    def _init_decor(self, device=None, dtype=None) -> None:
+        d = self.decor_dim
+        dd = {'device': device, 'dtype': dtype}
+        self.register_buffer('decor_matrix', torch.empty(d, d, **dd))
+        self.register_buffer('decor_updates', torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.register_buffer('decor_skipped', torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.register_buffer('decor_loss', torch.full((), float('nan'), device=device), persistent=False)
+        self.decor_samples = 0  # inputs to capture on the next training forward, 0 = off
+        self.decor_inputs: Optional[torch.Tensor] = None
+        self.reset_decorrelation()
+        _register_weight(self)
+
+    @property
+    def decor_dim(self) -> int:
+        return self.weight[0].numel()
+
+    @torch.no_grad()
+    def reset_decorrelation(self) -> None:
+        """R <- I (the layer then computes exactly the plain layer), counters to zero."""
+        if self.decor_matrix.device.type != 'meta':
+            nn.init.eye_(self.decor_matrix)
+            self.decor_updates.zero_()
+            self.decor_skipped.zero_()
+            self.decor_loss.fill_(float('nan'))
+        self.decor_inputs = None
+
+    def __setstate__(self, state) -> None:
+        # pickle / deepcopy build the layer without __init__: register the copy's weight as well
+        super().__setstate__(state)
+        _register_weight(self)
+
+    def decorrelated_weight(self) -> torch.Tensor:
+        """A = W R with W viewed as (out, d); the kernel that one plain conv / linear applies."""
+        w = self.weight
+        return (w.reshape(w.shape[0], -1) @ self.decor_matrix.to(w.dtype)).reshape(w.shape)
+
+    @torch.jit.ignore
+    def _store_decor_inputs(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.decor_inputs = self._sample_inputs(x.detach(), self.decor_samples)
+
+    def take_decor_inputs(self) -> Optional[torch.Tensor]:
+        """Return and clear the sample stored by the last armed training forward ((n, d) inputs x)."""
+        inputs, self.decor_inputs = self.decor_inputs, None
+        return inputs
+
+    @torch.no_grad()
+    def update_decorrelation(
+            self,
+            inputs: torch.Tensor,
+            lr: float,
+            kappa: float,
+            max_rel_change: float = 1.0,
+    ) -> torch.Tensor:
+        """Apply one DBP step to R from sampled inputs x (n, d); returns whether it was applied (0-dim bool).
+
+        See `timm_dbp.layers.decorrelation.decorrelation_update_` for the rule and its guards.
+        """
+        step = decorrelation_update_(self.decor_matrix, inputs, lr=lr, kappa=kappa, max_rel_change=max_rel_change)
+        self.decor_updates.add_(step.applied.long())
+        self.decor_skipped.add_((~step.applied).long())
+        self.decor_loss.copy_(step.loss)
+        return step.applied
+
+    @torch.no_grad()
+    def decor_correlation(self, inputs: torch.Tensor) -> torch.Tensor:
+        """RMS off-diagonal correlation of z = R x for inputs x (n, d), a 0-dim tensor."""
+        return offdiag_correlation(inputs.float() @ self.decor_matrix.float().T)
+
+
+@register_notrace_module  # FX: a leaf, its sampling is data dependent
+class DecorConv2d(DecorLayer, nn.Conv2d):
+    """nn.Conv2d with a decorrelation matrix on its receptive-field patches: y = conv(x, W R).
+
+    Built by `timm_dbp.decorrelate()`, usable directly with nn.Conv2d's arguments.
+    """
+
+    def __init__(self, *args, device=None, dtype=None, **kwargs):
+        nn.Conv2d.__init__(self, *args, device=device, dtype=dtype, **kwargs)
+        self._init_decor(device=device, dtype=dtype)
+
+    @torch.jit.ignore
+    def _sample_inputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        return sample_conv_patches(x, self, num_samples)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.decor_samples > 0:
+            self._store_decor_inputs(x)
+        return self._conv_forward(x, self.decorrelated_weight(), self.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> 'DecorConv2d':
+        """DBP twin of `conv` that shares its weight and bias tensors; R = I."""
+        w = conv.weight
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            device='meta', dtype=w.dtype,
+        )
+        return _adopt(layer, conv)
+
+
+@register_notrace_module
+class DecorLinear(DecorLayer, nn.Linear):
+    """nn.Linear with a decorrelation matrix on its inputs: y = x (W R)^T + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_decor(device=device, dtype=dtype)
+
+    @torch.jit.ignore
+    def _sample_inputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        n = min(num_samples, rows.shape[0])
+        return rows[torch.randperm(rows.shape[0], device=x.device)[:n]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.decor_samples > 0:
+            self._store_decor_inputs(x)
+        return F.linear(x, self.decorrelated_weight(), self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> 'DecorLinear':
+        """DBP twin of `linear` that shares its weight and bias tensors; R = I."""
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            device='meta', dtype=linear.weight.dtype,
+        )
+        return _adopt(layer, linear)
+
+
+def _adopt(layer: nn.Module, src: nn.Module) -> nn.Module:
+    """Give a meta-built DBP `layer` the tensors of the plain `src` layer and a real R = I beside them."""
+    layer.weight = src.weight
+    layer.bias = src.bias
+    layer.train(src.training)
+    device, dtype = src.weight.device, src.weight.dtype
+    layer._init_decor(device=device, dtype=dtype)
+    return layer
+
+
+DECOR_LAYERS = (DecorConv2d, DecorLinear)

@@ -1,0 +1,1 @@
+from .dbp_resnet import *

@@ -1,0 +1,264 @@
+""" DBP optimizers: any torch optimizer plus the decorrelation update of R
+
+`with_dbp(SGD)` returns a subclass of SGD whose `step()` first does SGD's weight update, then the local
+DBP update of the decorrelation matrix R of every DBP layer whose weight it optimizes (the paper's order:
+weight update, then R update). So an unmodified training loop, GradScaler (a skipped step skips the R
+update too), gradient accumulation (R updates once per optimizer step) and timm's upstream train.py
+(`--device-modules timm_dbp --opt dbpsgd`) all learn R.
+
+Routing follows timm's Muon: per parameter, decided once and cached. A param group with `use_dbp=False`
+never updates R; otherwise a parameter is routed to the DBP update when it is the `weight` of a
+DecorConv2d / DecorLinear. DBP hyperparameters are param group entries, so groups can differ:
+
+    decor_lr          learning rate of R (>= 0)
+    kappa             0 = decorrelate, 1 = normalise variances, in between towards whitening
+    decor_samples     inputs (conv patches / linear rows) sampled per layer per update, without replacement
+    decor_interval    update R every k optimizer steps; unarmed layers sample nothing on the other steps
+    decor_max_change  updates with ||dR|| > decor_max_change * ||R|| are refused (counted as skipped)
+
+Under torch.distributed the sampled inputs are all-gathered, so every rank applies the identical update
+and R stays equal across ranks without broadcasting it.
+"""
+import inspect
+import logging
+import warnings
+from typing import Any, Dict, List, Optional, Tuple, Type
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from timm_dbp.layers import DecorLayer, find_decor_layer
+
+__all__ = ['with_dbp', 'is_dbp_optimizer', 'NoDecorLayersWarning', 'DBP_DEFAULTS']
+
+_logger = logging.getLogger(__name__)
+
+DBP_DEFAULTS: Dict[str, Any] = dict(
+    decor_lr=1e-3,
+    kappa=0.0,
+    decor_samples=1024,
+    decor_interval=1,
+    decor_max_change=1.0,
+)
+
+
+class NoDecorLayersWarning(UserWarning):
+    """A DBP optimizer found no decorrelated layer among its parameters: it only does plain BP."""
+
+
+def _validate_dbp_args(args: Dict[str, Any]) -> None:
+    decor_lr, kappa = args['decor_lr'], args['kappa']
+    if not (isinstance(decor_lr, (int, float)) and decor_lr >= 0):
+        raise ValueError(f'decor_lr must be a number >= 0, got {decor_lr!r}')
+    if not (isinstance(kappa, (int, float)) and 0 <= kappa <= 1):
+        raise ValueError(f'kappa must be in [0, 1], got {kappa!r}')
+    for name in ('decor_samples', 'decor_interval'):
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
+    max_change = args['decor_max_change']
+    if not (isinstance(max_change, (int, float)) and max_change > 0):
+        raise ValueError(f'decor_max_change must be a number > 0, got {max_change!r}')
+
+
+def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's (n, d) sample, truncated to the smallest n so all ranks agree."""
+    n = torch.tensor([rows.shape[0]], device=rows.device)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    rows = rows[:int(n.item())].contiguous()
+    gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, rows)
+    return torch.cat(gathered)
+
+
+class DBPMixin:
+    """Adds the DBP update of R to a torch optimizer. Use through `with_dbp(base_class)`."""
+
+    def _init_dbp(self, dbp_args: Dict[str, Any], verbose: bool) -> None:
+        _validate_dbp_args(dbp_args)
+        self.defaults.update(dbp_args)
+        self.defaults.setdefault('use_dbp', True)
+        for group in self.param_groups:
+            self._fill_group(group)
+        self.dbp_verbose = verbose
+        self.dbp_step = 0  # optimizer steps taken (saved in state_dict)
+        self._routes: Optional[List[Tuple[DecorLayer, Dict[str, Any]]]] = None
+        self._arm_layers()
+
+    def _fill_group(self, group: Dict[str, Any]) -> None:
+        for key, value in self.defaults.items():
+            if key in DBP_DEFAULTS or key == 'use_dbp':
+                group.setdefault(key, value)
+        _validate_dbp_args(group)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, '_routes'):  # base __init__ adds its groups before DBP is set up
+            self._fill_group(self.param_groups[-1])
+            self._routes = None
+            self._arm_layers()
+
+    def dbp_routes(self) -> List[Tuple[DecorLayer, Dict[str, Any]]]:
+        """(layer, param group) for every DBP layer whose R this optimizer updates (cached)."""
+        if self._routes is None:
+            routes = []
+            for group in self.param_groups:
+                for p in group['params']:
+                    layer = find_decor_layer(p)
+                    if layer is None:
+                        continue
+                    if not group['use_dbp']:
+                        reason = 'group has use_dbp=False'
+                    else:
+                        routes.append((layer, group))
+                        reason = f'DBP layer weight, d={layer.decor_dim}'
+                    if self.dbp_verbose:
+                        _logger.info(f'{type(self).__name__}: param {tuple(p.shape)} -> {reason}')
+            if not routes:
+                warnings.warn(
+                    f'{type(self).__name__} found no decorrelated layer among its parameters and will do plain '
+                    f'backprop. Build the model with a dbp_ name (timm.create_model("dbp_resnet18")) or convert it '
+                    f'with timm_dbp.decorrelate(model) before creating the optimizer.',
+                    NoDecorLayersWarning,
+                    stacklevel=3,
+                )
+            self._routes = routes
+        return self._routes
+
+    def _arm_layers(self) -> None:
+        """Ask layers to sample their inputs in the coming forward iff the next step updates their R."""
+        for layer, group in self.dbp_routes():
+            updates_next = self.dbp_step % group['decor_interval'] == 0
+            layer.decor_samples = group['decor_samples'] if updates_next and group['decor_lr'] > 0 else 0
+
+    @torch.no_grad()
+    def _update_decorrelation(self) -> None:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        for layer, group in self.dbp_routes():
+            inputs = layer.take_decor_inputs()
+            if inputs is None or (self.dbp_step - 1) % group['decor_interval'] != 0:
+                continue
+            if distributed:
+                inputs = _all_gather_rows(inputs)
+            layer.update_decorrelation(
+                inputs, lr=group['decor_lr'], kappa=group['kappa'], max_rel_change=group['decor_max_change'])
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.dbp_step += 1
+        self._update_decorrelation()
+        self._arm_layers()
+        return loss
+
+    @torch.no_grad()
+    def dbp_summary(self) -> Dict[str, float]:
+        """Logging summary over this optimizer's DBP layers (one host sync).
+
+        Keys: `decor_loss` (mean of the layers' last decorrelation loss), `decor_updates` and
+        `decor_skipped` (totals), `decor_layers` (count).
+        """
+        layers = [layer for layer, _ in self.dbp_routes()]
+        if not layers:
+            return dict(decor_loss=float('nan'), decor_updates=0, decor_skipped=0, decor_layers=0)
+        losses = torch.stack([layer.decor_loss.float() for layer in layers])
+        measured = losses[~losses.isnan()]
+        stats = torch.stack([
+            measured.mean() if measured.numel() else losses.new_tensor(float('nan')),
+            sum(layer.decor_updates for layer in layers).float(),
+            sum(layer.decor_skipped for layer in layers).float(),
+        ]).tolist()
+        return dict(decor_loss=stats[0], decor_updates=int(stats[1]), decor_skipped=int(stats[2]),
+                    decor_layers=len(layers))
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state['dbp'] = dict(
+            step=self.dbp_step,
+            counters=[(int(layer.decor_updates), int(layer.decor_skipped)) for layer, _ in self.dbp_routes()],
+        )
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        dbp_state = state_dict.pop('dbp', None)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # checkpoints from a plain optimizer or an older version
+            self._fill_group(group)
+        self._routes = None
+        if dbp_state is not None:
+            self.dbp_step = int(dbp_state['step'])
+            routes = self.dbp_routes()
+            if len(dbp_state['counters']) == len(routes):
+                for (layer, _), (updates, skipped) in zip(routes, dbp_state['counters']):
+                    layer.decor_updates.fill_(updates)
+                    layer.decor_skipped.fill_(skipped)
+        self._arm_layers()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # torch keeps only defaults / state / param_groups; layers are found again from the (copied) parameters
+        return dict(super().__getstate__(), dbp_step=self.dbp_step, dbp_verbose=self.dbp_verbose)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault('dbp_step', 0)
+        self.__dict__.setdefault('dbp_verbose', False)
+        self._routes = None
+
+
+_DBP_CLASSES: Dict[Type[Optimizer], Type[Optimizer]] = {}
+
+
+def with_dbp(base_class: Type[Optimizer]) -> Type[Optimizer]:
+    """The DBP version of a torch optimizer class (cached; `with_dbp(SGD) is with_dbp(SGD)`).
+
+    The class takes the base class's arguments plus `decor_lr`, `kappa`, `decor_samples`,
+    `decor_interval`, `decor_max_change` and `verbose` (keyword-only), and its `__init__` signature
+    says so (timm's factory and tests read it).
+
+    Examples:
+        >>> DBPAdamW = with_dbp(torch.optim.AdamW)
+        >>> opt = DBPAdamW(model.parameters(), lr=1e-3, decor_lr=1e-4, kappa=0.5)
+    """
+    if not (isinstance(base_class, type) and issubclass(base_class, Optimizer)):
+        raise TypeError(f'with_dbp expects a torch.optim.Optimizer subclass, got {base_class!r}')
+    if issubclass(base_class, DBPMixin):
+        return base_class
+    if base_class in _DBP_CLASSES:
+        return _DBP_CLASSES[base_class]
+
+    base_signature = inspect.signature(base_class.__init__)
+    base_names = set(base_signature.parameters)
+    clashes = base_names & (set(DBP_DEFAULTS) | {'verbose'})
+    dbp_names = [name for name in DBP_DEFAULTS if name not in clashes]
+
+    def __init__(self, params, *args, verbose: bool = False, **kwargs):
+        dbp_args = {name: kwargs.pop(name, DBP_DEFAULTS[name]) for name in dbp_names}
+        if 'verbose' in base_names:
+            kwargs['verbose'] = verbose
+        base_class.__init__(self, params, *args, **kwargs)
+        self._init_dbp(dbp_args, verbose)
+
+    dbp_params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=DBP_DEFAULTS[name]) for name in dbp_names]
+    if 'verbose' not in base_names:
+        dbp_params.append(inspect.Parameter('verbose', inspect.Parameter.KEYWORD_ONLY, default=False))
+    base_params = list(base_signature.parameters.values())
+    var_kw = [p for p in base_params if p.kind == p.VAR_KEYWORD]
+    plain = [p for p in base_params if p.kind != p.VAR_KEYWORD]
+    __init__.__signature__ = base_signature.replace(parameters=plain + dbp_params + var_kw)
+    __init__.__doc__ = f'{base_class.__name__} arguments, plus the DBP options of timm_dbp.optim.dbp.'
+
+    name = f'DBP{base_class.__name__}'
+    if name in globals():  # two bases with one __name__: keep every class importable by name
+        name = f'{name}_{base_class.__module__.replace(".", "_")}'
+    cls = type(name, (DBPMixin, base_class), {'__init__': __init__, '__module__': __name__, '__qualname__': name})
+    _DBP_CLASSES[base_class] = cls
+    globals()[name] = cls  # picklable by qualified name
+    return cls
+
+
+def is_dbp_optimizer(optimizer: Any) -> bool:
+    """True for optimizers built by `with_dbp` (also when wrapped by timm's Lookahead)."""
+    base = getattr(optimizer, 'base_optimizer', optimizer)
+    return isinstance(base, DBPMixin)
