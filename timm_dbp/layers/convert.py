@@ -32,15 +32,17 @@ def _decor_dim(module: nn.Module) -> int:
 
 
 def _to_dbp(module: nn.Module, name: str, exclude: Sequence[str], max_dim: Optional[int], conv: bool, linear: bool):
+    if conv and type(module) is nn.Conv2d:
+        make = DecorConv2d.from_conv
+    elif linear and type(module) in _CONVERTIBLE_LINEAR:
+        make = DecorLinear.from_linear
+    else:
+        return None
     if any(fnmatch(name, pattern) for pattern in exclude):
         return None
     if max_dim is not None and _decor_dim(module) > max_dim:
         return None
-    if conv and type(module) is nn.Conv2d:
-        return DecorConv2d.from_conv(module)
-    if linear and type(module) in _CONVERTIBLE_LINEAR:
-        return DecorLinear.from_linear(module)
-    return None
+    return make(module)
 
 
 def decorrelate(

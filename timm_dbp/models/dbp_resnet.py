@@ -47,7 +47,7 @@ class DBPResNet(ResNet):
         self.dbp_args = dict(exclude=tuple(dbp_exclude), max_dim=dbp_max_dim, linear=dbp_linear)
         decorrelate(self, **self.dbp_args)
 
-    def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """As ResNet's, and the new classifier is a DBP layer when the old one was."""
         was_dbp = isinstance(self.fc, DecorLinear)
         super().reset_classifier(num_classes, global_pool)

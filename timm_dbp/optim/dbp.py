@@ -260,5 +260,5 @@ def with_dbp(base_class: Type[Optimizer]) -> Type[Optimizer]:
 
 def is_dbp_optimizer(optimizer: Any) -> bool:
     """True for optimizers built by `with_dbp` (also when wrapped by timm's Lookahead)."""
-    base = getattr(optimizer, 'base_optimizer', optimizer)
+    base = getattr(optimizer, '_base_optimizer', optimizer)  # timm's Lookahead
     return isinstance(base, DBPMixin)

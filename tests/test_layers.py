@@ -1,0 +1,249 @@
+""" Tests of the DBP maths and layers (timm_dbp.layers) """
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm_dbp.layers import (
+    DecorConv2d, DecorLinear, decorrelate, decorrelation_update_, fold, offdiag_correlation, sample_conv_patches,
+)
+
+CONV_CONFIGS = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, bias=False),
+    dict(kernel_size=(3, 5), stride=(2, 1), padding=(0, 2), dilation=(1, 2)),
+    dict(kernel_size=3, padding='same', dilation=2),
+    dict(kernel_size=3, padding=1, groups=2),
+    dict(kernel_size=3, padding=2, padding_mode='reflect'),
+    dict(kernel_size=1),
+]
+
+
+def _reference_update(R, x, lr, kappa):
+    """R - lr [(1 - kappa) C + kappa diag(v)] R, written out in float64 from the definitions."""
+    R, x = R.double(), x.double()
+    z = x @ R.T
+    X = z.T @ z / x.shape[0]
+    C = X - torch.diag(torch.diag(X))
+    v = torch.diag(X) - 1
+    return R - lr * ((1 - kappa) * C + kappa * torch.diag(v)) @ R
+
+
+@pytest.mark.parametrize('cfg', CONV_CONFIGS, ids=str)
+def test_sampled_patches_are_unfold_patches(cfg):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, **cfg)
+    x = torch.randn(2, 4, 9, 8)
+    # reference: every patch, via F.unfold on the input padded the conv's own way
+    mode = 'constant' if conv.padding_mode == 'zeros' else conv.padding_mode
+    xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    cols = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (B, C*k*k, L)
+    g = conv.groups
+    ref = cols.reshape(2, g, -1, cols.shape[-1]).permute(0, 1, 3, 2).reshape(-1, conv.weight[0].numel())
+    everything = sample_conv_patches(x, conv, num_samples=10 ** 6)
+    assert everything.shape == ref.shape
+    key = lambda t: t[torch.argsort(t @ torch.linspace(1, 2, t.shape[1]))]  # order-free comparison
+    torch.testing.assert_close(key(everything), key(ref))
+    some = sample_conv_patches(x, conv, num_samples=5)
+    assert some.shape == (5, ref.shape[1])
+    # without replacement: all drawn rows are distinct patches
+    assert torch.unique(some, dim=0).shape[0] == 5
+
+
+@pytest.mark.parametrize('cfg', CONV_CONFIGS, ids=str)
+def test_conv_at_identity_equals_plain_conv(cfg):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(4, 6, **cfg)
+    dbp = DecorConv2d.from_conv(plain)
+    assert dbp.weight is plain.weight
+    assert torch.equal(dbp.decor_matrix, torch.eye(dbp.decor_dim))
+    x = torch.randn(2, 4, 9, 8)
+    assert torch.equal(dbp(x), plain(x))
+
+
+def test_linear_at_identity_equals_plain_linear():
+    plain = nn.Linear(7, 3)
+    dbp = DecorLinear.from_linear(plain)
+    x = torch.randn(5, 2, 7)
+    assert torch.equal(dbp(x), plain(x))
+
+
+@pytest.mark.parametrize('cfg', CONV_CONFIGS[:5], ids=str)
+def test_fused_conv_gradient_is_bp_on_decorrelated_patches(cfg):
+    torch.manual_seed(0)
+    conv = DecorConv2d(4, 6, **cfg).double()
+    d = conv.decor_dim
+    conv.decor_matrix.copy_(torch.eye(d, dtype=torch.double) + 0.1 * torch.randn(d, d, dtype=torch.double))
+    x = torch.randn(2, 4, 9, 8, dtype=torch.double)
+    target = torch.randn_like(conv(x))
+    (conv(x) * target).sum().backward()
+    fused_grad = conv.weight.grad.clone()
+
+    # unfused: z = R x for every patch, y = W z, plain backprop to W
+    mode = 'constant' if conv.padding_mode == 'zeros' else conv.padding_mode
+    xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    cols = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    g = conv.groups
+    patches = cols.reshape(2, g, d, -1)  # (B, g, d, L)
+    z = torch.einsum('ij,bgjl->bgil', conv.decor_matrix, patches)
+    W = conv.weight.detach().clone().requires_grad_()
+    Wg = W.reshape(g, -1, d)  # (g, out/g, d)
+    y = torch.einsum('god,bgdl->bgol', Wg, z).reshape(2, conv.out_channels, -1)
+    if conv.bias is not None:
+        y = y + conv.bias[None, :, None]
+    (y.reshape(target.shape) * target).sum().backward()
+    torch.testing.assert_close(fused_grad, W.grad)
+
+
+@pytest.mark.parametrize('n', [5, 40])  # n < d (Gram path) and n >= d (direct path)
+@pytest.mark.parametrize('kappa', [0.0, 0.3, 1.0])
+def test_update_matches_reference(n, kappa):
+    torch.manual_seed(0)
+    d = 12
+    R = torch.eye(d) + 0.05 * torch.randn(d, d)
+    x = torch.randn(n, d) @ torch.randn(d, d)
+    expected = _reference_update(R, x, lr=1e-3, kappa=kappa)
+    step = decorrelation_update_(R, x, lr=1e-3, kappa=kappa)
+    assert bool(step.applied)
+    torch.testing.assert_close(R.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_update_matches_hand_computed_3x3():
+    # one sample x = (1, 2, 0), R = I: X = x x^T, C = off-diagonal, v = diag(X) - 1 = (0, 3, -1)
+    R = torch.eye(3)
+    x = torch.tensor([[1., 2., 0.]])
+    decorrelation_update_(R, x, lr=0.1, kappa=0.5)
+    C = torch.tensor([[0., 2., 0.], [2., 0., 0.], [0., 0., 0.]])
+    v = torch.tensor([0., 3., -1.])
+    expected = torch.eye(3) - 0.1 * (0.5 * C + 0.5 * torch.diag(v))
+    torch.testing.assert_close(R, expected)
+
+
+def test_variance_term_scales_rows_not_columns():
+    torch.manual_seed(0)
+    d = 4
+    R = torch.eye(d) + 0.3 * torch.randn(d, d)  # not symmetric, so diag(v) R != R diag(v)
+    x = torch.randn(64, d) * torch.tensor([3., 1., .5, 2.])
+    R0 = R.clone()
+    z = x @ R0.T
+    v = z.square().mean(0) - 1
+    decorrelation_update_(R, x, lr=0.01, kappa=1.0)
+    torch.testing.assert_close(R, R0 - 0.01 * v[:, None] * R0)  # diag(v) R: row i scaled by v_i
+    assert not torch.allclose(R, R0 - 0.01 * R0 * v[None, :], atol=1e-4)
+
+
+def _correlated(n, d, rho=0.9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cov = torch.full((d, d), rho) + (1 - rho) * torch.eye(d)
+    L = torch.linalg.cholesky(cov)
+    return torch.randn(n, d, generator=g) @ L.T
+
+
+def test_update_decorrelates_strongly_correlated_inputs():
+    d = 16
+    R = torch.eye(d)
+    held_out = _correlated(20000, d, seed=1)
+    before = offdiag_correlation(held_out @ R.T)
+    for step in range(300):
+        decorrelation_update_(R, _correlated(512, d, seed=100 + step), lr=0.02, kappa=0.0)
+    after = offdiag_correlation(held_out @ R.T)
+    assert before > 0.85
+    assert after < before / 10, (before, after)
+
+
+def test_kappa_one_drives_variances_to_one():
+    d = 8
+    R = torch.eye(d)
+    scales = torch.tensor([0.3, 0.5, 1., 2., 3., 0.7, 1.5, 2.5])
+    for step in range(400):
+        x = torch.randn(512, d, generator=torch.Generator().manual_seed(step)) * scales
+        decorrelation_update_(R, x, lr=0.02, kappa=1.0)
+    x = torch.randn(20000, d, generator=torch.Generator().manual_seed(-1 % 2 ** 31)) * scales
+    torch.testing.assert_close((x @ R.T).square().mean(0), torch.ones(d), atol=0.05, rtol=0)
+
+
+def test_kappa_zero_leaves_the_diagonal_free():
+    # inputs with an exactly diagonal second moment of variances != 1: C = 0, so kappa = 0 changes nothing
+    d = 5
+    x = torch.cat([torch.eye(d) * s for s in (3., -3.)])  # X = diag(9 * 2 / 10)
+    R = torch.eye(d)
+    decorrelation_update_(R, x, lr=0.1, kappa=0.0)
+    assert torch.equal(R, torch.eye(d))
+    decorrelation_update_(R, x, lr=0.1, kappa=1.0)
+    assert not torch.equal(R, torch.eye(d))
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_non_finite_inputs_are_skipped(bad):
+    layer = DecorLinear(6, 3)
+    x = torch.randn(32, 6)
+    x[3, 2] = bad
+    applied = layer.update_decorrelation(x, lr=1e-2, kappa=0.5)
+    assert not bool(applied)
+    assert torch.equal(layer.decor_matrix, torch.eye(6))
+    assert int(layer.decor_skipped) == 1 and int(layer.decor_updates) == 0
+
+
+def test_huge_decor_lr_is_refused_and_R_stays_finite():
+    layer = DecorLinear(6, 3)
+    for step in range(20):
+        layer.update_decorrelation(_correlated(64, 6, seed=step), lr=1e3, kappa=0.0)
+    assert torch.isfinite(layer.decor_matrix).all()
+    assert torch.equal(layer.decor_matrix, torch.eye(6))
+    assert int(layer.decor_skipped) == 20
+    # a sane rate on the same layer still learns
+    assert bool(layer.update_decorrelation(_correlated(64, 6), lr=1e-2, kappa=0.0))
+
+
+def test_capture_only_when_armed_and_training():
+    conv = DecorConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    conv(x)
+    assert conv.take_decor_inputs() is None  # unarmed: no sampling cost
+    conv.decor_samples = 10
+    conv.eval()
+    conv(x)
+    assert conv.take_decor_inputs() is None
+    conv.train()
+    conv(x)
+    sample = conv.take_decor_inputs()
+    assert sample.shape == (10, 27)
+    assert conv.take_decor_inputs() is None  # consumed
+
+
+def test_checkpoint_rerun_overwrites_the_sample():
+    conv = DecorConv2d(3, 4, 3, padding=1)
+    conv.decor_samples = 7
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    checkpoint(conv, x, use_reentrant=False).sum().backward()  # forward runs twice
+    assert conv.take_decor_inputs().shape == (7, 27)
+
+
+def test_decorrelate_skip_options_and_fold():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(16, 32, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5),
+    )
+    x = torch.randn(2, 3, 10, 10)
+    expected = model(x)
+    decorrelate(model, exclude=['7'], max_dim=100)  # conv 4 has d = 144 > 100
+    assert [type(m).__name__ for m in model] == [
+        'DecorConv2d', 'ReLU', 'DecorConv2d', 'ReLU', 'Conv2d', 'AdaptiveAvgPool2d', 'Flatten', 'Linear']
+    assert torch.equal(model(x), expected)
+    for m in model:
+        if isinstance(m, (DecorConv2d, DecorLinear)):
+            m.decor_matrix.add_(0.05 * torch.randn_like(m.decor_matrix))
+    moved = model(x)
+    assert not torch.allclose(moved, expected)
+    fold(model)
+    assert not any(isinstance(m, (DecorConv2d, DecorLinear)) for m in model.modules())
+    assert not any('decor' in k for k in model.state_dict())
+    torch.testing.assert_close(model(x), moved)
+
+
+def test_decorrelate_layer_itself_and_bad_max_dim():
+    assert isinstance(decorrelate(nn.Linear(3, 2)), DecorLinear)
+    with pytest.raises(ValueError, match='max_dim'):
+        decorrelate(nn.Linear(3, 2), max_dim=0)

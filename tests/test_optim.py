@@ -1,0 +1,221 @@
+""" Tests of the DBP optimizers and their timm registration (timm_dbp.optim) """
+import copy
+import pickle
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
+
+import timm_dbp
+from timm_dbp import NoDecorLayersWarning, decor_layers, is_dbp_optimizer
+
+DBP_NAMES = list_optimizers('dbp*')
+LR = {'dbpsgd': 0.05, 'dbpmomentum': 0.05, 'dbpsgdw': 0.05, 'dbplars': 0.05}
+
+
+def _model(seed=0, name='dbp_test_resnet'):
+    torch.manual_seed(seed)
+    return timm.create_model(name, num_classes=4)
+
+
+def _batch(step, batch_size=4):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(batch_size, 3, 32, 32, generator=g), torch.randint(0, 4, (batch_size,), generator=g)
+
+
+def _train(model, opt, steps, micro_batches=1):
+    model.train()
+    for step in steps:
+        for micro in range(micro_batches):
+            x, y = _batch(step * micro_batches + micro)
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _decor_matrices(model):
+    return {name: layer.decor_matrix.clone() for name, layer in decor_layers(model)}
+
+
+def test_advertised_names():
+    for name in ('dbpsgd', 'dbpmomentum', 'dbpadamw', 'dbpadam', 'dbplamb'):
+        assert name in DBP_NAMES
+
+
+@pytest.mark.parametrize('opt_name', DBP_NAMES)
+def test_every_name_builds_dbp_and_moves_R(opt_name):
+    model = _model()
+    before = _decor_matrices(model)
+    weight_before = model.conv1[0].weight.detach().clone()
+    opt = create_optimizer_v2(model, opt=opt_name, lr=LR.get(opt_name, 1e-3), decor_lr=1e-3)
+    assert is_dbp_optimizer(opt)
+    _train(model, opt, range(2))
+    after = _decor_matrices(model)
+    assert all(not torch.equal(before[k], after[k]) for k in before), 'some R did not move'
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not torch.equal(model.conv1[0].weight, weight_before)
+    assert opt.dbp_summary()['decor_updates'] == 2 * len(before)
+
+
+@pytest.mark.parametrize('spelling, expected', [
+    ('dbp_sgd', 'DBPSGD'), ('DBP_AdamW', 'DBPAdamW'), ('dbp_lamb', 'DBPLamb'), ('lookahead_dbp_adamw', 'DBPAdamW'),
+])
+def test_underscore_spellings_build_dbp(spelling, expected):
+    opt = create_optimizer_v2(_model(), opt=spelling, lr=1e-3)
+    assert is_dbp_optimizer(opt)
+    base = opt._base_optimizer if isinstance(opt, Lookahead) else opt
+    assert type(base).__name__ == expected
+    assert isinstance(opt, Lookahead) == spelling.startswith('lookahead')
+
+
+@pytest.mark.parametrize('spelling', ['dbp_sgdd', 'dbp_nosuch', 'foo_dbp_sgd'])
+def test_unknown_dbp_spellings_fail_naming_the_right_ones(spelling):
+    with pytest.raises(ValueError, match='dbpsgd'):
+        create_optimizer_v2(_model(), opt=spelling, lr=1e-3)
+
+
+def test_unknown_optimizer_name_fails():
+    with pytest.raises(ValueError, match='not found'):
+        create_optimizer_v2(_model(), opt='dbpsgdd', lr=1e-3)
+
+
+@pytest.mark.parametrize('kwargs, arg', [
+    (dict(kappa=1.5), 'kappa'), (dict(kappa=-0.1), 'kappa'), (dict(decor_lr=-1e-3), 'decor_lr'),
+    (dict(decor_samples=0), 'decor_samples'), (dict(decor_samples=2.5), 'decor_samples'),
+    (dict(decor_interval=0), 'decor_interval'), (dict(decor_max_change=0), 'decor_max_change'),
+])
+def test_bad_values_raise_value_error_naming_the_argument(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        create_optimizer_v2(_model(), opt='dbpsgd', lr=1e-3, **kwargs)
+
+
+def test_no_decorrelated_layers_warns_loudly():
+    with pytest.warns(NoDecorLayersWarning, match='plain backprop'):
+        create_optimizer_v2(timm.create_model('test_resnet'), opt='dbpadamw', lr=1e-3)
+
+
+def test_decor_lr_zero_is_exactly_plain_bp():
+    dbp_model, plain_model = _model(), timm.create_model('test_resnet', num_classes=4)
+    plain_model.load_state_dict(timm_dbp.fold(copy.deepcopy(dbp_model)).state_dict())
+    dbp_opt = create_optimizer_v2(dbp_model, opt='dbpsgd', lr=0.05, weight_decay=1e-4, decor_lr=0.0)
+    plain_opt = create_optimizer_v2(plain_model, opt='sgd', lr=0.05, weight_decay=1e-4)
+    _train(dbp_model, dbp_opt, range(3))
+    _train(plain_model, plain_opt, range(3))
+    folded = timm_dbp.fold(dbp_model).state_dict()
+    for k, v in plain_model.state_dict().items():
+        assert torch.equal(folded[k], v), k
+
+
+def test_interval_updates_every_k_steps_and_samples_only_then():
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01, decor_interval=3)
+    layer = model.conv1[0]
+    changed = []
+    for step in range(7):
+        before = layer.decor_matrix.clone()
+        x, y = _batch(step)
+        F.cross_entropy(model(x), y).backward()
+        sampled = layer.decor_inputs is not None
+        opt.step()
+        opt.zero_grad()
+        changed.append(not torch.equal(before, layer.decor_matrix))
+        assert sampled == (step % 3 == 0)
+    assert changed == [True, False, False, True, False, False, True]
+
+
+def test_grad_accumulation_updates_R_once_per_step():
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpadamw', lr=1e-3)
+    _train(model, opt, range(2), micro_batches=3)
+    assert all(int(layer.decor_updates) == 2 for _, layer in decor_layers(model))
+
+
+def test_skipped_step_skips_R_update():
+    # GradScaler skips optimizer.step() on inf grads; without a step R must not move
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01)
+    before = _decor_matrices(model)
+    x, y = _batch(0)
+    F.cross_entropy(model(x), y).backward()
+    opt.zero_grad()  # no step
+    assert all(torch.equal(before[k], v) for k, v in _decor_matrices(model).items())
+
+
+def test_use_dbp_group_flag_routes_layers():
+    model = _model()
+    conv1 = [p for n, p in model.named_parameters() if n.startswith('conv1.')]
+    rest = [p for n, p in model.named_parameters() if not n.startswith('conv1.')]
+    opt = timm_dbp.with_dbp(torch.optim.SGD)(
+        [dict(params=conv1, use_dbp=False), dict(params=rest, kappa=0.5)], lr=0.01)
+    before = _decor_matrices(model)
+    _train(model, opt, range(1))
+    after = _decor_matrices(model)
+    for k in before:
+        assert torch.equal(before[k], after[k]) == k.startswith('conv1.'), k
+    assert opt.param_groups[1]['kappa'] == 0.5 and opt.param_groups[0]['kappa'] == 0.0
+
+
+def _run_resume(copy_fn):
+    """Train 3 steps, copy model + optimizer with copy_fn, then train both 3 more steps with equal RNG."""
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpadamw', lr=1e-3, decor_interval=2)
+    _train(model, opt, range(3))
+    model2, opt2 = copy_fn(model, opt)
+    torch.manual_seed(7)
+    _train(model, opt, range(3, 6))
+    torch.manual_seed(7)
+    _train(model2, opt2, range(3, 6))
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert opt.dbp_summary() == opt2.dbp_summary()
+    assert opt2.dbp_step == 6
+
+
+def test_state_dict_round_trip_reproduces_trajectory():
+    def via_state_dict(model, opt):
+        model2 = _model(seed=123)
+        model2.load_state_dict(model.state_dict())
+        opt2 = create_optimizer_v2(model2, opt='dbpadamw', lr=1e-3, decor_interval=2)
+        opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+        return model2, opt2
+    _run_resume(via_state_dict)
+
+
+@pytest.mark.parametrize('how', ['deepcopy', 'pickle'])
+def test_copied_model_and_optimizer_continue_identically(how):
+    copy_fn = copy.deepcopy if how == 'deepcopy' else lambda obj: pickle.loads(pickle.dumps(obj))
+    _run_resume(lambda model, opt: copy_fn((model, opt)))
+
+
+def test_summary_reports_loss_and_skips():
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01, decor_lr=1e6)  # every update refused
+    _train(model, opt, range(2))
+    summary = opt.dbp_summary()
+    n_layers = len(list(decor_layers(model)))
+    assert summary['decor_layers'] == n_layers
+    assert summary['decor_skipped'] == 2 * n_layers and summary['decor_updates'] == 0
+    assert summary['decor_loss'] > 0
+    assert all(torch.isfinite(layer.decor_matrix).all() for _, layer in decor_layers(model))
+
+
+def test_nan_batch_leaves_R_finite():
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01)
+    x, y = _batch(0)
+    x[0, 0, 0, 0] = float('nan')
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for _, layer in decor_layers(model):
+        assert torch.isfinite(layer.decor_matrix).all()
+    assert opt.dbp_summary()['decor_skipped'] >= 1
+
+
+def test_lookahead_wrapped_dbp_learns_R():
+    model = _model()
+    opt = create_optimizer_v2(model, opt='lookahead_dbpsgd', lr=0.01)
+    before = _decor_matrices(model)
+    _train(model, opt, range(2))
+    assert any(not torch.equal(before[k], v) for k, v in _decor_matrices(model).items())
