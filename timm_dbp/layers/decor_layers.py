@@ -27,7 +27,7 @@ from timm.layers import register_notrace_module
 
 from .decorrelation import decorrelation_update_, offdiag_correlation
 
-__all__ = ['DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'find_decor_layer', 'sample_conv_patches']
+__all__ = ['DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'find_decor_layer', 'sample_conv_patches', 'sample_rows']
 
 
 def sample_conv_patches(x: torch.Tensor, conv: nn.Conv2d, num_samples: int) -> torch.Tensor:
@@ -68,6 +68,13 @@ def sample_conv_patches(x: torch.Tensor, conv: nn.Conv2d, num_samples: int) -> t
     return patches.reshape(n, cg * kh * kw)
 
 
+def sample_rows(x: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Draw rows of x (..., d) uniformly without replacement: shape (min(num_samples, rows), d)."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = min(num_samples, rows.shape[0])
+    return rows[torch.randperm(rows.shape[0], device=x.device)[:n]]
+
+
 # id(weight) -> (weakref(weight), weakref(layer)): lets an optimizer, which only sees parameters, find the
 # DBP layer a weight belongs to. Ids, not WeakKeyDictionary, because tensors compare elementwise.
 _LAYER_OF_WEIGHT: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
@@ -105,6 +112,7 @@ class DecorLayer:
     __jit_unused_properties__ = ['decor_dim']
     decor_matrix: torch.Tensor
     decor_samples: int
+    decor_inputs: Optional[torch.Tensor]
 
     def _init_decor(self, device=None, dtype=None) -> None:
         d = self.decor_dim
@@ -144,8 +152,12 @@ class DecorLayer:
 
     @torch.jit.ignore
     def _store_decor_inputs(self, x: torch.Tensor) -> None:
+        # NOTE under TorchScript this runs on the script wrapper: scripted models are for inference
         with torch.no_grad():
-            self.decor_inputs = self._sample_inputs(x.detach(), self.decor_samples)
+            if hasattr(self, 'kernel_size'):  # a conv (also seen through a TorchScript wrapper)
+                self.decor_inputs = sample_conv_patches(x.detach(), self, self.decor_samples)
+            else:
+                self.decor_inputs = sample_rows(x.detach(), self.decor_samples)
 
     def take_decor_inputs(self) -> Optional[torch.Tensor]:
         """Return and clear the sample stored by the last armed training forward ((n, d) inputs x)."""
@@ -187,10 +199,6 @@ class DecorConv2d(DecorLayer, nn.Conv2d):
         nn.Conv2d.__init__(self, *args, device=device, dtype=dtype, **kwargs)
         self._init_decor(device=device, dtype=dtype)
 
-    @torch.jit.ignore
-    def _sample_inputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-        return sample_conv_patches(x, self, num_samples)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.decor_samples > 0:
             self._store_decor_inputs(x)
@@ -215,12 +223,6 @@ class DecorLinear(DecorLayer, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_decor(device=device, dtype=dtype)
-
-    @torch.jit.ignore
-    def _sample_inputs(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        n = min(num_samples, rows.shape[0])
-        return rows[torch.randperm(rows.shape[0], device=x.device)[:n]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.decor_samples > 0:

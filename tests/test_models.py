@@ -1,0 +1,136 @@
+""" Tests of the registered dbp_ models, decorrelate() on timm models and fold() (timm's own model tests run
+separately on the dbp_ models, see scripts/test.sh) """
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import load_checkpoint
+from timm.models._registry import _model_to_module
+
+import timm_dbp
+from timm_dbp import DecorConv2d, DecorLinear, decor_layers, fold
+
+DBP_MODELS = timm.list_models('dbp_*')
+
+
+def _twin(name: str) -> str:
+    return name[len('dbp_'):]
+
+
+def test_names_are_new_and_in_our_module():
+    assert len(DBP_MODELS) >= 11
+    for name in DBP_MODELS:
+        assert _model_to_module[name] == 'dbp_resnet'
+        assert _model_to_module[_twin(name)] == 'resnet'  # the timm twin is still timm's
+
+
+@pytest.mark.parametrize('name', DBP_MODELS)
+def test_every_conv_and_linear_is_dbp_and_cfg_is_complete(name):
+    model = timm.create_model(name, num_classes=7, device='meta')
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert convs and all(isinstance(m, (DecorConv2d, DecorLinear)) for m in convs)
+    cfg = model.pretrained_cfg
+    for key in ('first_conv', 'classifier'):
+        assert f'{cfg[key]}.weight' in model.state_dict()
+    assert cfg['pool_size'] and cfg['hf_hub_id'] == f'timm/{_twin(name)}.{cfg["tag"]}'
+
+
+def test_identity_R_matches_timm_twin_and_loads_plain_weights(tmp_path):
+    torch.manual_seed(0)
+    plain = timm.create_model('test_resnet', num_classes=5).eval()
+    path = tmp_path / 'plain.pth'
+    torch.save(plain.state_dict(), path)
+    dbp = timm.create_model(
+        'dbp_test_resnet', pretrained=True, num_classes=5,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=5)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(dbp(x), plain(x))
+    assert all(torch.equal(layer.decor_matrix, torch.eye(layer.decor_dim)) for _, layer in decor_layers(dbp))
+
+
+def test_trained_then_folded_loads_into_timm_resnet():
+    torch.manual_seed(0)
+    model = timm.create_model('dbp_test_resnet', num_classes=3)
+    opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, decor_lr=1e-2)
+    for step in range(3):
+        x = torch.randn(4, 3, 32, 32)
+        F.cross_entropy(model(x), torch.randint(0, 3, (4,))).backward()
+        opt.step()
+        opt.zero_grad()
+    assert any(not torch.equal(layer.decor_matrix, torch.eye(layer.decor_dim)) for _, layer in decor_layers(model))
+    model.eval()
+    x = torch.randn(2, 3, 48, 48)
+    expected = model(x)
+    folded = fold(copy.deepcopy(model))
+    plain = timm.create_model('test_resnet', num_classes=3).eval()
+    plain.load_state_dict(folded.state_dict())  # strict: same keys, no DBP buffers left
+    torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dbp_checkpoint_round_trip_keeps_R(tmp_path):
+    model = timm.create_model('dbp_test_resnet', num_classes=3)
+    for _, layer in decor_layers(model):
+        layer.decor_matrix.add_(0.01)
+    path = tmp_path / 'dbp.pth'
+    torch.save(model.state_dict(), path)
+    loaded = timm.create_model('dbp_test_resnet', num_classes=3)
+    load_checkpoint(loaded, str(path))
+    for (name, a), (_, b) in zip(decor_layers(model), decor_layers(loaded)):
+        assert torch.equal(a.decor_matrix, b.decor_matrix), name
+
+
+@pytest.mark.parametrize('name', ['resnet50', 'convnext_atto', 'efficientnet_b0', 'vit_tiny_patch16_224'])
+def test_decorrelate_any_timm_model_keeps_its_function(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3).eval()
+    size = 224 if name.startswith('vit') else 64
+    x = torch.randn(1, 3, size, size)
+    expected = model(x)
+    dbp = timm_dbp.decorrelate(model)
+    assert len(list(decor_layers(dbp))) > 0
+    torch.testing.assert_close(dbp(x), expected, rtol=0, atol=0)
+
+
+def test_reset_classifier_keeps_dbp_head_and_pooling():
+    model = timm.create_model('dbp_test_resnet', num_classes=3, global_pool='max')
+    model.reset_classifier(10)
+    assert isinstance(model.fc, DecorLinear) and model.fc.out_features == 10
+    assert model.global_pool.pool_type == 'max'
+    model.reset_classifier(0)
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, model.num_features)
+
+
+def test_options_and_unknown_kwargs():
+    model = timm.create_model('dbp_resnet18', dbp_exclude=['conv1', 'fc'], dbp_max_dim=1152, device='meta')
+    assert type(model.conv1) is torch.nn.Conv2d and type(model.fc) is torch.nn.Linear
+    assert type(model.layer4[0].conv2) is torch.nn.Conv2d  # d = 512 * 9 > 1152
+    assert isinstance(model.layer2[0].conv1, DecorConv2d)  # d = 64 * 9
+    with pytest.raises(TypeError):
+        timm.create_model('dbp_test_resnet', not_an_arg=1)
+
+
+def test_features_only_and_forward_head():
+    model = timm.create_model('dbp_test_resnet', features_only=True, out_indices=(1, 3))
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == model.feature_info.channels()
+    assert any(isinstance(m, DecorConv2d) for m in model.modules())
+    full = timm.create_model('dbp_test_resnet', num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(full.forward_head(full.forward_features(x)), full(x))
+    assert full.forward_head(full.forward_features(x), pre_logits=True).shape == (1, full.num_features)
+
+
+def test_torchscript_inference():
+    model = timm.create_model('dbp_test_resnet', num_classes=3)
+    timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.01)  # arms the layers
+    for _, layer in decor_layers(model):
+        layer.decor_matrix.add_(0.01)
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32)
+    scripted(x)  # an armed training forward runs (sampling is an ignored Python call)
+    model.eval()
+    scripted.eval()
+    torch.testing.assert_close(scripted(x), model(x))
