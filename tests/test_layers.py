@@ -45,6 +45,8 @@ def test_sampled_patches_are_unfold_patches(cfg):
     assert everything.shape == ref.shape
     key = lambda t: t[torch.argsort(t @ torch.linspace(1, 2, t.shape[1]))]  # order-free comparison
     torch.testing.assert_close(key(everything), key(ref))
+    channels_last = sample_conv_patches(x.to(memory_format=torch.channels_last), conv, num_samples=10 ** 6)
+    torch.testing.assert_close(key(channels_last), key(ref))
     some = sample_conv_patches(x, conv, num_samples=5)
     assert some.shape == (5, ref.shape[1])
     # without replacement: all drawn rows are distinct patches

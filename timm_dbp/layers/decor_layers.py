@@ -34,11 +34,12 @@ def sample_conv_patches(x: torch.Tensor, conv: nn.Conv2d, num_samples: int) -> t
     """Draw receptive-field patches of `conv` from input x, uniformly without replacement.
 
     A patch is indexed by (image, group, output row, output column); its entries are ordered
-    (channel, kernel row, kernel column), the same order as `conv.weight[o].flatten()`.
+    (channel, kernel row, kernel column), the same order as `conv.weight[o].flatten()`. Zero padding is
+    applied by masking the gathered entries, so the input is never copied (other padding modes pad first).
 
     Args:
-        x: Conv input, shape (B, C, H, W).
-        conv: The convolution whose patches are drawn (padding mode, stride, dilation, groups).
+        x: Conv input, shape (B, C, H, W), any dense memory format.
+        conv: The convolution whose patches are drawn (padding, stride, dilation, groups).
         num_samples: How many patches; capped at the number of patches in x.
 
     Returns:
@@ -47,24 +48,35 @@ def sample_conv_patches(x: torch.Tensor, conv: nn.Conv2d, num_samples: int) -> t
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
-    mode = 'constant' if conv.padding_mode == 'zeros' else conv.padding_mode
-    xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-    B, C, Hp, Wp = xp.shape
+    pad_left, pad_right, pad_top, pad_bottom = conv._reversed_padding_repeated_twice
+    if conv.padding_mode != 'zeros':
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        pad_left = pad_right = pad_top = pad_bottom = 0
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    B, C, H, W = x.shape
     groups = conv.groups
-    Ho = (Hp - dh * (kh - 1) - 1) // sh + 1
-    Wo = (Wp - dw * (kw - 1) - 1) // sw + 1
+    Ho = (H + pad_top + pad_bottom - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + pad_left + pad_right - dw * (kw - 1) - 1) // sw + 1
     per_image = groups * Ho * Wo
     n = min(num_samples, B * per_image)
-    idx = torch.randperm(B * per_image, device=x.device)[:n]
+    dev = x.device
+    idx = torch.randperm(B * per_image, device=dev)[:n]
     b, rest = idx // per_image, idx % per_image
     g, pos = rest // (Ho * Wo), rest % (Ho * Wo)
-    oh, ow = pos // Wo, pos % Wo
     cg = C // groups
-    dev = x.device
     chans = g[:, None] * cg + torch.arange(cg, device=dev)  # (n, cg)
-    rows = oh[:, None] * sh + torch.arange(kh, device=dev) * dh  # (n, kh)
-    cols = ow[:, None] * sw + torch.arange(kw, device=dev) * dw  # (n, kw)
-    patches = xp[b[:, None, None, None], chans[:, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    rows = (pos // Wo)[:, None] * sh + torch.arange(kh, device=dev) * dh - pad_top  # (n, kh), unpadded coords
+    cols = (pos % Wo)[:, None] * sw + torch.arange(kw, device=dev) * dw - pad_left  # (n, kw)
+    inside = ((rows >= 0) & (rows < H))[:, None, :, None] & ((cols >= 0) & (cols < W))[:, None, None, :]
+    sb, sc, sy, sx = x.stride()
+    offsets = (
+        (b[:, None] * sb + chans * sc)[:, :, None, None]
+        + (rows.clamp(0, H - 1) * sy)[:, None, :, None]
+        + (cols.clamp(0, W - 1) * sx)[:, None, None, :]
+    )  # (n, cg, kh, kw) element offsets into x's dense storage
+    flat = x.as_strided((x.numel(),), (1,))
+    patches = flat[offsets] * inside
     return patches.reshape(n, cg * kh * kw)
 
 

@@ -42,12 +42,17 @@ class DecorrelationStep(NamedTuple):
     rel_change: torch.Tensor
 
 
-def _gram_sq_sum(z: torch.Tensor) -> torch.Tensor:
-    """sum_ij X_ij^2 for X = z^T z / n, via the n x n Gram matrix (n^2 d flops instead of n d^2)."""
+def _second_moment_sq_sum(z: torch.Tensor) -> torch.Tensor:
+    """sum_ij X_ij^2 for X = z^T z / n; via the n x n Gram matrix when n < d (n^2 d flops instead of n d^2)."""
     n = z.shape[0]
-    if n < z.shape[1]:
-        return (z @ z.T).square().sum() / (n * n)
-    return (z.T @ z).square().sum() / (n * n)
+    gram = z @ z.T if n < z.shape[1] else z.T @ z
+    return gram.square().sum() / (n * n)
+
+
+def _loss(sq_sum: torch.Tensor, diag: torch.Tensor, kappa: float) -> torch.Tensor:
+    d = diag.shape[0]
+    offdiag_sq = (sq_sum - diag.square().sum()).clamp_min(0) / max(d * (d - 1), 1)
+    return (1 - kappa) * offdiag_sq + kappa * (diag - 1).square().mean()
 
 
 def decorrelation_loss(z: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -57,11 +62,7 @@ def decorrelation_loss(z: torch.Tensor, kappa: float) -> torch.Tensor:
         z: Decorrelated inputs, shape (n, d).
         kappa: Balance between decorrelation (0) and variance normalisation (1).
     """
-    n, d = z.shape
-    diag = z.square().mean(0)
-    offdiag_sq = (_gram_sq_sum(z) - diag.square().sum()).clamp_min(0) / max(d * (d - 1), 1)
-    variance_sq = (diag - 1).square().mean()
-    return (1 - kappa) * offdiag_sq + kappa * variance_sq
+    return _loss(_second_moment_sq_sum(z), z.square().mean(0), kappa)
 
 
 def offdiag_correlation(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -74,7 +75,7 @@ def offdiag_correlation(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """
     d = z.shape[1]
     zn = z * z.square().mean(0).add(eps).rsqrt()
-    offdiag_sq = (_gram_sq_sum(zn) - zn.square().mean(0).square().sum()).clamp_min(0) / max(d * (d - 1), 1)
+    offdiag_sq = (_second_moment_sq_sum(zn) - zn.square().mean(0).square().sum()).clamp_min(0) / max(d * (d - 1), 1)
     return offdiag_sq.sqrt()
 
 
@@ -109,12 +110,13 @@ def decorrelation_update_(
     Rf = R.float()
     z = inputs.float() @ Rf.T  # z_k = R x_k for every row
     diag = z.square().mean(0)  # diag(X)
-    loss = decorrelation_loss(z, kappa)
-
     if n < d:
+        loss = _loss(_second_moment_sq_sum(z), diag, kappa)
         XR = z.T @ (z @ Rf) / n  # X R = (1/n) Z^T (Z R), 3 n d^2 flops
     else:
-        XR = (z.T @ z / n) @ Rf  # X R, n d^2 + d^3 flops
+        X = z.T @ z / n
+        loss = _loss(X.square().sum(), diag, kappa)
+        XR = X @ Rf  # n d^2 + d^3 flops
     # [(1 - kappa) (X - D) + kappa (D - I)] R with D = diag(X); the diagonal terms are row scalings of R
     row_scale = (2 * kappa - 1) * diag - kappa
     delta = ((1 - kappa) * XR + row_scale[:, None] * Rf).mul_(lr)
