@@ -197,7 +197,7 @@ def test_summary_reports_loss_and_skips():
     n_layers = len(list(decor_layers(model)))
     assert summary['decor_layers'] == n_layers
     assert summary['decor_skipped'] == 2 * n_layers and summary['decor_updates'] == 0
-    assert summary['decor_loss'] > 0
+    assert summary['decor_loss'] > 0 and 0 < summary['decor_corr'] <= 1
     assert all(torch.isfinite(layer.decor_matrix).all() for _, layer in decor_layers(model))
 
 
@@ -219,3 +219,27 @@ def test_lookahead_wrapped_dbp_learns_R():
     before = _decor_matrices(model)
     _train(model, opt, range(2))
     assert any(not torch.equal(before[k], v) for k, v in _decor_matrices(model).items())
+
+
+def test_any_timm_optimizer_gets_dbp_by_registration():
+    info = timm_dbp.register_dbp_optimizer('adan')
+    assert info.name == 'dbpadan' and 'dbpadan' in list_optimizers('dbp*')
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpadan', lr=1e-3)
+    assert is_dbp_optimizer(opt) and isinstance(opt, timm.optim.Adan)
+    before = _decor_matrices(model)
+    _train(model, opt, range(1))
+    assert all(not torch.equal(before[k], v) for k, v in _decor_matrices(model).items())
+    with pytest.raises(ValueError, match='must not contain'):
+        timm_dbp.register_dbp_optimizer('adan', name='dbp_adan')
+
+
+def test_with_dbp_signature_and_type_checks():
+    import inspect
+    cls = timm_dbp.with_dbp(torch.optim.AdamW)
+    assert timm_dbp.with_dbp(torch.optim.AdamW) is cls and timm_dbp.with_dbp(cls) is cls
+    params = inspect.signature(cls.__init__).parameters
+    for name in ('lr', 'betas', 'eps', 'decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'verbose'):
+        assert name in params
+    with pytest.raises(TypeError):
+        timm_dbp.with_dbp(torch.nn.Linear)

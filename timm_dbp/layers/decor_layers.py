@@ -25,7 +25,7 @@ from torch import nn
 
 from timm.layers import register_notrace_module
 
-from .decorrelation import decorrelation_update_, offdiag_correlation
+from .decorrelation import decorrelation_update_
 
 __all__ = ['DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'find_decor_layer', 'sample_conv_patches', 'sample_rows']
 
@@ -117,9 +117,9 @@ def find_decor_layer(param: torch.Tensor) -> Optional['DecorLayer']:
 class DecorLayer:
     """State and update shared by DecorConv2d and DecorLinear (a mixin; R is `decor_matrix`).
 
-    Buffers: `decor_matrix` (persistent, R), and non-persistent counters `decor_updates`,
-    `decor_skipped` (updates applied / refused by a stability guard) and `decor_loss` (loss of the last
-    sample, NaN before the first update).
+    Buffers: `decor_matrix` (persistent, R), and non-persistent `decor_updates`, `decor_skipped` (updates
+    applied / refused by a stability guard), `decor_loss` and `decor_corr` (decorrelation loss and RMS
+    off-diagonal correlation of the last sample, before its update; NaN before the first update).
     """
     __jit_unused_properties__ = ['decor_dim']
     decor_matrix: torch.Tensor
@@ -133,6 +133,7 @@ class DecorLayer:
         self.register_buffer('decor_updates', torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer('decor_skipped', torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer('decor_loss', torch.full((), float('nan'), device=device), persistent=False)
+        self.register_buffer('decor_corr', torch.full((), float('nan'), device=device), persistent=False)
         self.decor_samples = 0  # inputs to capture on the next training forward, 0 = off
         self.decor_inputs: Optional[torch.Tensor] = None
         self.reset_decorrelation()
@@ -150,6 +151,7 @@ class DecorLayer:
             self.decor_updates.zero_()
             self.decor_skipped.zero_()
             self.decor_loss.fill_(float('nan'))
+            self.decor_corr.fill_(float('nan'))
         self.decor_inputs = None
 
     def __setstate__(self, state) -> None:
@@ -192,12 +194,9 @@ class DecorLayer:
         self.decor_updates.add_(step.applied.long())
         self.decor_skipped.add_((~step.applied).long())
         self.decor_loss.copy_(step.loss)
+        self.decor_corr.copy_(step.correlation)
         return step.applied
 
-    @torch.no_grad()
-    def decor_correlation(self, inputs: torch.Tensor) -> torch.Tensor:
-        """RMS off-diagonal correlation of z = R x for inputs x (n, d), a 0-dim tensor."""
-        return offdiag_correlation(inputs.float() @ self.decor_matrix.float().T)
 
 
 @register_notrace_module  # FX: a leaf, its sampling is data dependent

@@ -26,7 +26,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ['DecorrelationStep', 'decorrelation_update_', 'decorrelation_loss', 'offdiag_correlation']
+__all__ = [
+    'DecorrelationStep', 'decorrelation_update_', 'decorrelation_loss', 'offdiag_correlation', 'LOG_STAT_ROWS']
+
+LOG_STAT_ROWS = 256  # rows of a sample used for the logged loss / correlation (cost n^2 d, not n d^2)
 
 
 class DecorrelationStep(NamedTuple):
@@ -35,48 +38,43 @@ class DecorrelationStep(NamedTuple):
     Attributes:
         applied: True if R was changed; False if a stability guard skipped the update.
         loss: Decorrelation loss of the sample before the update (see `decorrelation_loss`).
+        correlation: RMS off-diagonal correlation of z before the update (see `offdiag_correlation`).
         rel_change: ||delta R||_F / ||R||_F of the proposed update.
     """
     applied: torch.Tensor
     loss: torch.Tensor
+    correlation: torch.Tensor
     rel_change: torch.Tensor
 
 
-def _second_moment_sq_sum(z: torch.Tensor) -> torch.Tensor:
-    """sum_ij X_ij^2 for X = z^T z / n; via the n x n Gram matrix when n < d (n^2 d flops instead of n d^2)."""
-    n = z.shape[0]
-    gram = z @ z.T if n < z.shape[1] else z.T @ z
-    return gram.square().sum() / (n * n)
-
-
-def _loss(sq_sum: torch.Tensor, diag: torch.Tensor, kappa: float) -> torch.Tensor:
-    d = diag.shape[0]
-    offdiag_sq = (sq_sum - diag.square().sum()).clamp_min(0) / max(d * (d - 1), 1)
-    return (1 - kappa) * offdiag_sq + kappa * (diag - 1).square().mean()
+def _offdiag_sq_mean(z: torch.Tensor) -> torch.Tensor:
+    """mean_{i != j} X_ij^2 for X = z^T z / n; via the n x n Gram matrix when n < d (n^2 d flops, not n d^2)."""
+    n, d = z.shape
+    gram = z @ z.T if n < d else z.T @ z
+    sq_sum = gram.square().sum() / (n * n)  # ||X||_F^2 = ||Z Z^T||_F^2 / n^2
+    return (sq_sum - z.square().mean(0).square().sum()).clamp_min(0) / max(d * (d - 1), 1)
 
 
 def decorrelation_loss(z: torch.Tensor, kappa: float) -> torch.Tensor:
-    """Loss that the update descends: (1 - kappa) * mean_{i != j} X_ij^2 + kappa * mean_i v_i^2.
+    """Loss that the update descends: (1 - kappa) * mean_{i != j} X_ij^2 + kappa * mean_i v_i^2, X = z^T z / n.
 
     Args:
         z: Decorrelated inputs, shape (n, d).
         kappa: Balance between decorrelation (0) and variance normalisation (1).
     """
-    return _loss(_second_moment_sq_sum(z), z.square().mean(0), kappa)
+    v = z.square().mean(0) - 1
+    return (1 - kappa) * _offdiag_sq_mean(z) + kappa * v.square().mean()
 
 
 def offdiag_correlation(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Root mean square off-diagonal correlation sqrt(mean_{i != j} rho_ij^2), rho_ij = X_ij / sqrt(X_ii X_jj).
+    """RMS off-diagonal correlation sqrt(mean_{i != j} rho_ij^2), rho_ij = X_ij / sqrt(X_ii X_jj) (uncentred).
 
-    Sample estimate: with n samples, independent inputs still give about 1/sqrt(n).
+    A sample estimate: with n samples, independent inputs still give about 1/sqrt(n).
 
     Args:
         z: Inputs, shape (n, d).
     """
-    d = z.shape[1]
-    zn = z * z.square().mean(0).add(eps).rsqrt()
-    offdiag_sq = (_second_moment_sq_sum(zn) - zn.square().mean(0).square().sum()).clamp_min(0) / max(d * (d - 1), 1)
-    return offdiag_sq.sqrt()
+    return _offdiag_sq_mean(z * z.square().mean(0).add(eps).rsqrt()).sqrt()
 
 
 @torch.no_grad()
@@ -90,8 +88,9 @@ def decorrelation_update_(
 ) -> DecorrelationStep:
     """One DBP step on R in place: R <- R - lr * [(1 - kappa) C + kappa diag(v)] R (see module docstring).
 
-    Guards: the update is skipped (R untouched, `applied=False`) when the statistic or the proposed change
-    is non-finite, or when ||delta R||_F > max_rel_change * ||R||_F (an update that would blow R up).
+    Guards: the update is skipped (R untouched, `applied=False`) when the proposed change is non-finite
+    (e.g. a NaN / inf input) or when ||delta R||_F > max_rel_change * ||R||_F (an update that would blow R up).
+    The logged loss and correlation use the first LOG_STAT_ROWS rows of the (random) sample.
 
     Args:
         R: Decorrelation matrix, shape (d, d); updated in place.
@@ -101,7 +100,7 @@ def decorrelation_update_(
         max_rel_change: Largest accepted relative change of R per update.
 
     Returns:
-        A `DecorrelationStep` with the loss before the update and whether it was applied.
+        A `DecorrelationStep`: applied or not, loss and correlation before the update, relative change.
     """
     assert R.ndim == 2 and R.shape[0] == R.shape[1], f'R must be square, got {tuple(R.shape)}'
     assert inputs.ndim == 2 and inputs.shape[1] == R.shape[0], \
@@ -111,18 +110,17 @@ def decorrelation_update_(
     z = inputs.float() @ Rf.T  # z_k = R x_k for every row
     diag = z.square().mean(0)  # diag(X)
     if n < d:
-        loss = _loss(_second_moment_sq_sum(z), diag, kappa)
         XR = z.T @ (z @ Rf) / n  # X R = (1/n) Z^T (Z R), 3 n d^2 flops
     else:
-        X = z.T @ z / n
-        loss = _loss(X.square().sum(), diag, kappa)
-        XR = X @ Rf  # n d^2 + d^3 flops
+        XR = (z.T @ z / n) @ Rf  # n d^2 + d^3 flops
     # [(1 - kappa) (X - D) + kappa (D - I)] R with D = diag(X); the diagonal terms are row scalings of R
     row_scale = (2 * kappa - 1) * diag - kappa
     delta = ((1 - kappa) * XR + row_scale[:, None] * Rf).mul_(lr)
 
     # Guards without a host sync: a rejected update is selected away, not branched around.
     rel_change = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(Rf).clamp_min(1e-30)
-    applied = torch.isfinite(loss) & (rel_change <= max_rel_change)  # NaN compares False
+    applied = rel_change <= max_rel_change  # False for NaN / inf
     R.sub_(torch.where(applied, delta, torch.zeros_like(delta)).to(R.dtype))
-    return DecorrelationStep(applied, loss, rel_change)
+
+    z_log = z[:LOG_STAT_ROWS]
+    return DecorrelationStep(applied, decorrelation_loss(z_log, kappa), offdiag_correlation(z_log), rel_change)

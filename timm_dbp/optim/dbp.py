@@ -155,20 +155,19 @@ class DBPMixin:
     def dbp_summary(self) -> Dict[str, float]:
         """Logging summary over this optimizer's DBP layers (one host sync).
 
-        Keys: `decor_loss` (mean of the layers' last decorrelation loss), `decor_updates` and
-        `decor_skipped` (totals), `decor_layers` (count).
+        Keys: `decor_corr` and `decor_loss` (means over layers of the last sample's RMS off-diagonal
+        correlation and decorrelation loss, NaN before any update), `decor_updates` and `decor_skipped`
+        (totals), `decor_layers` (count).
         """
         layers = [layer for layer, _ in self.dbp_routes()]
         if not layers:
-            return dict(decor_loss=float('nan'), decor_updates=0, decor_skipped=0, decor_layers=0)
-        losses = torch.stack([layer.decor_loss.float() for layer in layers])
-        measured = losses[~losses.isnan()]
-        stats = torch.stack([
-            measured.mean() if measured.numel() else losses.new_tensor(float('nan')),
-            sum(layer.decor_updates for layer in layers).float(),
-            sum(layer.decor_skipped for layer in layers).float(),
-        ]).tolist()
-        return dict(decor_loss=stats[0], decor_updates=int(stats[1]), decor_skipped=int(stats[2]),
+            return dict(decor_corr=float('nan'), decor_loss=float('nan'), decor_updates=0, decor_skipped=0,
+                        decor_layers=0)
+        corr, loss = (torch.stack([getattr(layer, key).float() for layer in layers]).nanmean()
+                      for key in ('decor_corr', 'decor_loss'))
+        counts = torch.stack([torch.stack([layer.decor_updates, layer.decor_skipped]) for layer in layers]).sum(0)
+        corr, loss, updates, skipped = torch.cat([torch.stack([corr, loss]).cpu(), counts.float().cpu()]).tolist()
+        return dict(decor_corr=corr, decor_loss=loss, decor_updates=int(updates), decor_skipped=int(skipped),
                     decor_layers=len(layers))
 
     def state_dict(self) -> Dict[str, Any]:
