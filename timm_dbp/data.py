@@ -9,7 +9,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-__all__ = ['FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'read_idx', 'load_fashion_mnist']
+__all__ = ['FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'FashionMNIST', 'read_idx', 'load_fashion_mnist', 'write_idx']
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_CLASSES = (
@@ -49,3 +49,42 @@ def load_fashion_mnist(split: str = 'train', root: str = FASHION_MNIST_DIR) -> T
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f'{root}: {images.shape[0]} images but {labels.shape[0]} labels')
     return images, labels.long()
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """Fashion-MNIST as a timm-style image dataset: PIL 'L' images (28 x 28) and int labels, from local IDX files.
+
+    Args:
+        root: Folder with the four IDX .gz files (default: where Debian's dataset-fashion-mnist puts them).
+        split: 'train' (60k) or 'test' / 'validation' (10k).
+        transform: Applied to each PIL image (timm's train / eval transforms).
+        num_samples: Use only the first N images of the split.
+    """
+
+    def __init__(self, root: str = FASHION_MNIST_DIR, split: str = 'train', transform=None, num_samples=None):
+        self.images, self.labels = load_fashion_mnist(split, root or FASHION_MNIST_DIR)
+        if num_samples:
+            self.images, self.labels = self.images[:num_samples], self.labels[:num_samples]
+        self.transform = transform
+        self.classes = list(FASHION_MNIST_CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        img = Image.fromarray(self.images[index].numpy(), mode='L')
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[index])
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """Write `array` as an IDX file (gzip-compressed when path ends in .gz); the inverse of `read_idx`."""
+    codes = {np.dtype(v).str: k for k, v in _IDX_DTYPES.items()}
+    big_endian = array.astype(np.dtype(array.dtype).newbyteorder('>')) if array.dtype.itemsize > 1 else array
+    header = bytes([0, 0, codes[np.dtype(big_endian.dtype).str], array.ndim])
+    header += np.asarray(array.shape, dtype='>i4').tobytes()
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'wb') as f:
+        f.write(header + np.ascontiguousarray(big_endian).tobytes())

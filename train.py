@@ -1,0 +1,780 @@
+#!/usr/bin/env python3
+""" timm-dbp training script: timm's ImageNet recipe and flags, for DBP and plain models
+
+Built from timm's library pieces (timm.data, timm.loss, timm.optim, timm.scheduler, timm.utils) with timm's flag
+names, defaults and YAML configs (`-c/--config`), so a timm command carries over by changing `--model` and `--opt`:
+
+    python train.py --data-dir /imagenet --model dbp_resnet18 --opt dbpsgd --lr 0.5 -b 256 --epochs 90 \
+        --opt-kwargs decor_lr=1e-3 kappa=0.0
+    python train.py --dataset fashion_mnist --model dbp_test_resnet --opt dbpsgd --img-size 32 --epochs 2
+
+One process or many: `torchrun --nproc_per_node=N train.py ...` (CPU: gloo, CUDA: nccl). Under DDP every rank
+applies the same R update (the DBP samples are all-gathered) and R is excluded from DDP's buffer broadcast.
+
+Checkpoints (`last.pth.tar`, best `model_best.pth.tar`, `--checkpoint-hist` top ones) are written atomically and
+hold everything for an exact resume; `--resume auto` continues the experiment's last checkpoint in place.
+`summary.csv` has timm's columns plus the DBP ones and the cumulative training wall-clock (`train_time`).
+"""
+import argparse
+import difflib
+import importlib
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from datetime import datetime
+from functools import partial
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+import timm
+from timm import utils
+from timm.data import (
+    FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config,
+)
+from timm.layers import convert_sync_batchnorm, set_fast_norm  # noqa: F401
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import create_model, safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+import timm_dbp
+from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
+from timm_dbp.optim import NoDecorLayersWarning, is_dbp_optimizer
+from timm_dbp.utils.checkpoint import CheckpointError, load_checkpoint_file, rng_state, save_atomic, set_rng_state
+
+_logger = logging.getLogger('train')
+
+# The first parser reads only --config; the YAML file's values become the main parser's defaults.
+config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
+config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                           help='YAML config file specifying default arguments')
+
+parser = argparse.ArgumentParser(description='timm-dbp training (timm flags)')
+
+# Dataset parameters
+group = parser.add_argument_group('Dataset parameters')
+parser.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (positional is *deprecated*, use --data-dir)')
+group.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+group.add_argument('--dataset', metavar='NAME', default='',
+                   help='dataset type + name ("<type>/<name>"); "" = ImageFolder / ImageTar; '
+                        '"fashion_mnist" = local IDX files (default dir: ' + FASHION_MNIST_DIR + ')')
+group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
+group.add_argument('--val-split', metavar='NAME', default='validation', help='dataset validation split')
+group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                   help='use only N training samples (fashion_mnist: the first N)')
+group.add_argument('--val-num-samples', default=None, type=int, metavar='N', help='use only N validation samples')
+group.add_argument('--dataset-download', action='store_true', default=False,
+                   help='Allow download of dataset for torch/ and tfds/ datasets that support it.')
+group.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file')
+group.add_argument('--input-img-mode', default=None, type=str, help='Dataset image conversion mode for input images.')
+
+# Model parameters
+group = parser.add_argument_group('Model parameters')
+group.add_argument('--model', default='resnet50', type=str, metavar='MODEL', help='Name of model to train')
+group.add_argument('--pretrained', action='store_true', default=False, help='Start with pretrained weights')
+group.add_argument('--pretrained-path', default=None, type=str, help='Load this checkpoint as the pretrained weights')
+group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='Load this checkpoint into model')
+group.add_argument('--resume', default='', type=str, metavar='PATH',
+                   help='Resume full model and optimizer state from checkpoint; "auto" = the experiment\'s last.pth.tar')
+group.add_argument('--no-resume-opt', action='store_true', default=False, help='do not resume the optimizer state')
+group.add_argument('--num-classes', type=int, default=None, metavar='N', help='number of label classes')
+group.add_argument('--gp', default=None, type=str, metavar='POOL', help='Global pool type (model default if None)')
+group.add_argument('--img-size', type=int, default=None, metavar='N', help='Image size (default: model default)')
+group.add_argument('--in-chans', type=int, default=None, metavar='N', help='Image input channels')
+group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N',
+                   help='Input all image dimensions (d h w, e.g. --input-size 3 224 224)')
+group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='Input image center crop percent (eval)')
+group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='Override mean pixel value')
+group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='Override std deviation')
+group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='Image resize interpolation type')
+group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='Input batch size for training')
+group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N', help='Validation batch size')
+group.add_argument('--channels-last', action='store_true', default=False, help='Use channels_last memory layout')
+group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N', help='Accumulate gradients over N steps')
+group.add_argument('--grad-checkpointing', action='store_true', default=False, help='Enable gradient checkpointing')
+group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
+group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
+group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                   help='Enable compilation w/ specified backend (default: inductor).')
+group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None).')
+
+# Device & distributed
+group = parser.add_argument_group('Device parameters')
+group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
+                   help='Device (accelerator) to use.')
+group.add_argument('--amp', action='store_true', default=False, help='use mixed precision (torch.autocast)')
+group.add_argument('--amp-dtype', default='float16', type=str, choices=('float16', 'bfloat16'),
+                   help='lower precision AMP dtype (default: float16)')
+group.add_argument('--no-ddp-bb', action='store_true', default=False, help='Force broadcast buffers for DDP to False.')
+group.add_argument('--local_rank', default=0, type=int)
+group.add_argument('--device-modules', default=None, type=str, nargs='+',
+                   help='Python imports for device backend modules (timm_dbp is always imported).')
+
+# Optimizer parameters
+group = parser.add_argument_group('Optimizer parameters')
+group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='Optimizer (default: "sgd")')
+group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='Optimizer Epsilon')
+group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='Optimizer Betas')
+group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='Optimizer momentum (default: 0.9)')
+group.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay (default: 2e-5)')
+group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='Clip gradient norm')
+group.add_argument('--clip-mode', type=str, default='norm', choices=('norm', 'value', 'agc'), help='clipping mode')
+group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
+group.add_argument('--opt-kwargs', dest='opt_args', nargs='*', default={}, action=utils.ParseKwargs,
+                   help='optimizer kwargs, e.g. --opt-kwargs decor_lr=1e-3 kappa=0.5')
+
+# DBP parameters (shortcuts for the DBP optimizer kwargs; --opt-kwargs works as well)
+group = parser.add_argument_group('DBP parameters')
+group.add_argument('--decor-lr', type=float, default=None, help='DBP learning rate of R (optimizer default if None)')
+group.add_argument('--kappa', type=float, default=None, help='0 = decorrelate, 1 = normalise variances')
+group.add_argument('--decor-samples', type=int, default=None, help='inputs sampled per layer per R update')
+group.add_argument('--decor-interval', type=int, default=None, help='update R every k optimizer steps')
+
+# Learning rate schedule parameters
+group = parser.add_argument_group('Learning rate schedule parameters')
+group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler (default: "cosine")')
+group.add_argument('--sched-on-updates', action='store_true', default=False, help='Apply LR scheduler step on update')
+group.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate, overrides lr-base if set')
+group.add_argument('--lr-base', type=float, default=0.1, metavar='LR',
+                   help='base learning rate: lr = lr_base * global_batch_size / base_size')
+group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV', help='base learning rate batch size')
+group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='"sqrt" or "linear" (default by opt)')
+group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct', help='lr noise on/off pcts')
+group.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT', help='learning rate noise limit pct')
+group.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV', help='learning rate noise std-dev')
+group.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT', help='learning rate cycle len multiplier')
+group.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT', help='decay each learning rate cycle')
+group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N', help='learning rate cycle limit')
+group.add_argument('--lr-k-decay', type=float, default=1.0, help='learning rate k-decay for cosine/poly')
+group.add_argument('--lr-decay-fn', type=str, default=None, help='decay function for wsd (default: cosine)')
+group.add_argument('--lr-stable-timescale', type=float, default=None, help='wsd stable phase length (fraction)')
+group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate')
+group.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower lr bound for cyclic schedulers')
+group.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train (default: 300)')
+group.add_argument('--epoch-repeats', type=float, default=0., metavar='N', help='epoch repeat multiplier')
+group.add_argument('--start-epoch', default=None, type=int, metavar='N', help='manual epoch number')
+group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar="MILESTONES",
+                   help='list of decay epoch indices for multistep lr')
+group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
+group.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='epochs to warmup LR')
+group.add_argument('--warmup-prefix', action='store_true', default=False, help='Exclude warmup from decay schedule')
+group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs to cooldown LR at min_lr')
+group.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='patience for Plateau LR scheduler')
+group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate')
+
+# Augmentation & regularization parameters
+group = parser.add_argument_group('Augmentation and regularization parameters')
+group.add_argument('--no-aug', action='store_true', default=False, help='Disable all training augmentation')
+group.add_argument('--train-crop-mode', type=str, default=None, help='Crop-mode in train')
+group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT', help='Random resize scale')
+group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO', help='aspect ratio')
+group.add_argument('--hflip', type=float, default=0.5, help='Horizontal flip training aug probability')
+group.add_argument('--vflip', type=float, default=0., help='Vertical flip training aug probability')
+group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='Color jitter factor')
+group.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT', help='Color jitter probability')
+group.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT', help='random grayscale probability')
+group.add_argument('--gaussian-blur-prob', type=float, default=None, metavar='PCT', help='gaussian blur probability')
+group.add_argument('--aa', type=str, default=None, metavar='NAME', help='AutoAugment policy, e.g. "rand-m9-mstd0.5"')
+group.add_argument('--aug-repeats', type=float, default=0, help='Number of augmentation repetitions (distributed)')
+group.add_argument('--bce-loss', action='store_true', default=False, help='Enable BCE loss w/ Mixup/CutMix use.')
+group.add_argument('--bce-sum', action='store_true', default=False, help='Sum over classes when using BCE loss.')
+group.add_argument('--bce-target-thresh', type=float, default=None, help='Threshold for binarizing BCE targets')
+group.add_argument('--bce-pos-weight', type=float, default=None, help='Positive weighting for BCE loss.')
+group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='Random erase prob')
+group.add_argument('--remode', type=str, default='pixel', help='Random erase mode')
+group.add_argument('--recount', type=int, default=1, help='Random erase count')
+group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0.')
+group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0.')
+group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max ratio')
+group.add_argument('--mixup-prob', type=float, default=1.0, help='Probability of performing mixup or cutmix')
+group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='Probability of switching to cutmix')
+group.add_argument('--mixup-mode', type=str, default='batch', help='How to apply mixup/cutmix: batch, pair, elem')
+group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N', help='Turn off mixup after this epoch')
+group.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing (default: 0.1)')
+group.add_argument('--train-interpolation', type=str, default='random', help='Training interpolation')
+group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='Dropout rate (default: 0.)')
+group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='Drop path rate')
+group.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='Drop block rate')
+
+# Batch norm parameters
+group = parser.add_argument_group('Batch norm parameters')
+group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override (if not None)')
+group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override (if not None)')
+group.add_argument('--sync-bn', action='store_true', help='Enable synchronized BatchNorm.')
+group.add_argument('--dist-bn', type=str, default='reduce', choices=('broadcast', 'reduce', ''),
+                   help='Distribute BatchNorm stats between nodes after each epoch')
+
+# Model Exponential Moving Average
+group = parser.add_argument_group('Model exponential moving average parameters')
+group.add_argument('--model-ema', action='store_true', default=False, help='Enable tracking moving average of weights')
+group.add_argument('--model-ema-force-cpu', action='store_true', default=False, help='Keep the EMA on CPU')
+group.add_argument('--model-ema-decay', type=float, default=0.9998, help='Decay factor for model weights moving average')
+group.add_argument('--model-ema-warmup', action='store_true', help='Enable warmup for model EMA decay.')
+
+# Misc
+group = parser.add_argument_group('Miscellaneous parameters')
+group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
+group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between status logs')
+group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of best checkpoints to keep')
+group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='how many data loading workers')
+group.add_argument('--pin-mem', action='store_true', default=False, help='Pin CPU memory in DataLoader')
+group.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
+group.add_argument('--output', default='', type=str, metavar='PATH', help='path to output folder (default: ./output)')
+group.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of train experiment')
+group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='Best metric')
+group.add_argument('--val-interval', type=int, default=1, metavar='N', help='validate every N epochs (and the last)')
+group.add_argument('--use-multi-epochs-loader', action='store_true', default=False, help='use the multi-epochs-loader')
+
+
+class UserError(Exception):
+    """Bad input: reported as one line and exit code 2, without a traceback."""
+
+
+def _yaml_value_ok(action: argparse.Action, value) -> bool:
+    """Would argparse accept `value` for `action` (type, choices, nargs)?"""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if action.nargs in (None, '?') and isinstance(value, (list, tuple)) and not isinstance(action.default, (list, tuple)):
+        return False
+    for v in values:
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(v, bool):
+                return False
+            continue
+        if v is None:
+            continue
+        if action.type is not None and not isinstance(v, dict):
+            try:
+                action.type(v) if not isinstance(v, bool) else (_ for _ in ()).throw(TypeError())
+            except (TypeError, ValueError):
+                return False
+        if action.choices is not None and v not in action.choices:
+            return False
+    return True
+
+
+def _parse_args(argv=None):
+    """Parse the YAML config (if any) into defaults, warn on unknown keys, refuse invalid values, then the CLI."""
+    args_config, remaining = config_parser.parse_known_args(argv)
+    if args_config.config:
+        try:
+            with open(args_config.config, 'r') as f:
+                cfg = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            parser.error(f'cannot read config {args_config.config}: {e}')
+        if not isinstance(cfg, dict):
+            parser.error(f'config {args_config.config} must be a mapping of flag names to values')
+        actions = {a.dest: a for a in parser._actions}
+        known = {}
+        for key, value in cfg.items():
+            dest = key.replace('-', '_')
+            dest = 'opt_args' if dest == 'opt_kwargs' else dest
+            if dest not in actions:
+                warnings.warn(f'config {args_config.config}: unknown key {key!r} ignored')
+                continue
+            if not _yaml_value_ok(actions[dest], value):
+                parser.error(f'config {args_config.config}: invalid value {value!r} for {key!r}')
+            known[dest] = value
+        parser.set_defaults(**known)
+    args = parser.parse_args(remaining)
+    if args.data and not args.data_dir:
+        args.data_dir = args.data
+    args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
+    return args, args_text
+
+
+def _check_args(args) -> None:
+    if args.grad_accum_steps < 1:
+        raise UserError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
+    if args.batch_size < 1:
+        raise UserError(f'-b/--batch-size must be >= 1, got {args.batch_size}')
+    if args.epochs < 1:
+        raise UserError(f'--epochs must be >= 1, got {args.epochs}')
+    if args.val_interval < 1:
+        raise UserError(f'--val-interval must be >= 1, got {args.val_interval}')
+    if args.model not in timm.list_models() and not args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
+        dbp = ', '.join(timm.list_models('dbp_*'))
+        hint = f' Did you mean: {", ".join(close)}?' if close else ''
+        raise UserError(f'unknown model {args.model!r}.{hint} DBP models: {dbp}')
+
+
+def _dbp_opt_kwargs(args) -> dict:
+    kwargs = dict(args.opt_args or {})
+    for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval'):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def _build_dataset(args, split: str, is_training: bool, num_samples):
+    if args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist'):
+        return FashionMNIST(args.data_dir or FASHION_MNIST_DIR, split=split, num_samples=num_samples)
+    if not args.data_dir and not args.dataset:
+        raise UserError('no data: give --data-dir DIR (ImageFolder with train/ and validation/) or --dataset NAME')
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        raise UserError(f'data dir not found: {args.data_dir}')
+    try:
+        dataset = create_dataset(
+            args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=args.class_map,
+            download=args.dataset_download, batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats,
+            num_samples=num_samples, **({'input_img_mode': args.input_img_mode} if args.input_img_mode else {}),
+        )
+    except (FileNotFoundError, RuntimeError, AssertionError) as e:
+        raise UserError(f'cannot load {split} split from {args.data_dir!r}: {e}'.splitlines()[0]) from None
+    if len(dataset) == 0:
+        raise UserError(f'{split} split in {args.data_dir!r} has no images')
+    return dataset
+
+
+def _classifier_shape(state_dict: dict, model: nn.Module):
+    classifier = model.pretrained_cfg.get('classifier', 'fc') if hasattr(model, 'pretrained_cfg') else 'fc'
+    weight = state_dict.get(f'{classifier}.weight')
+    return None if weight is None else tuple(weight.shape)
+
+
+def _load_model_state(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Load a full model state; a classifier of another size or other keys are clear errors."""
+    ckpt_shape = _classifier_shape(state_dict, model)
+    model_shape = _classifier_shape(model.state_dict(), model)
+    if ckpt_shape is not None and model_shape is not None and ckpt_shape[0] != model_shape[0]:
+        raise UserError(f'{source} has {ckpt_shape[0]} classes but the model has {model_shape[0]} '
+                        f'(--num-classes {model_shape[0]}); use --num-classes {ckpt_shape[0]} or another checkpoint')
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise UserError(f'{source} does not fit model: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}')
+
+
+def main(argv=None):
+    utils.setup_default_logging()
+    args, args_text = _parse_args(argv)
+    for module in args.device_modules or []:
+        importlib.import_module(module)
+    _check_args(args)
+
+    device = utils.init_distributed_device(args)
+    if args.distributed:
+        _logger.info(f'Distributed: process {args.rank} of {args.world_size}, device {args.device}.')
+    else:
+        _logger.info(f'Single process on {args.device}.')
+    is_main = args.rank == 0
+
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+
+    utils.random_seed(args.seed, args.rank)
+    if args.fast_norm:
+        set_fast_norm()
+
+    # Resume: read (and check) the checkpoint before anything is built or written
+    exp_name = args.experiment or '-'.join([
+        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(args.img_size or 'def')])
+    output_base = args.output or './output'
+    resume_path, checkpoint = args.resume, None
+    if resume_path == 'auto':
+        if not args.experiment:
+            raise UserError('--resume auto needs --experiment NAME (it continues <output>/<experiment>/last.pth.tar)')
+        resume_path = os.path.join(output_base, 'train', args.experiment, 'last.pth.tar')
+        if not os.path.isfile(resume_path):
+            _logger.info(f'--resume auto: no {resume_path} yet, starting fresh')
+            resume_path = ''
+    if resume_path:
+        try:
+            checkpoint = load_checkpoint_file(resume_path)
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
+    if in_chans is None and args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist'):
+        in_chans = 1
+    model_kwargs = dict(args.model_kwargs)
+    if in_chans is not None:
+        model_kwargs['in_chans'] = in_chans
+    if args.num_classes is None and args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist'):
+        args.num_classes = 10
+    for name, value in (('drop_path_rate', args.drop_path), ('drop_block_rate', args.drop_block),
+                        ('global_pool', args.gp), ('bn_momentum', args.bn_momentum), ('bn_eps', args.bn_eps)):
+        if value is not None:
+            model_kwargs[name] = value
+    pretrained_cfg_overlay = dict(file=args.pretrained_path) if args.pretrained_path else None
+    try:
+        model = create_model(
+            args.model, pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
+            pretrained_cfg_overlay=pretrained_cfg_overlay, **model_kwargs)
+    except TypeError as e:
+        raise UserError(f'model {args.model!r} does not accept these arguments: {e}') from None
+    if args.num_classes is None:
+        assert hasattr(model, 'num_classes'), 'Model must have `num_classes` attr if not set on cmd line/config.'
+        args.num_classes = model.num_classes
+    if args.initial_checkpoint:
+        try:
+            state = load_checkpoint_file(args.initial_checkpoint)['state_dict']
+        except CheckpointError:
+            state = torch.load(args.initial_checkpoint, map_location='cpu', weights_only=True)
+        _load_model_state(model, state, args.initial_checkpoint)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    if is_main:
+        n_dbp = len(list(timm_dbp.decor_layers(model)))
+        _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
+                     f'{sum(m.numel() for m in model.parameters())}, DBP layers: {n_dbp}')
+
+    data_config = resolve_data_config(vars(args), model=model, verbose=is_main)
+    if args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist') and args.mean is None:
+        data_config['mean'], data_config['std'] = (0.2860,), (0.3530,)
+
+    model.to(device=device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        model = convert_sync_batchnorm(model)
+
+    if args.lr is None:
+        global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
+        batch_ratio = global_batch_size / args.lr_base_size
+        if not args.lr_base_scale:
+            on = args.opt.lower()
+            args.lr_base_scale = 'sqrt' if any(o in on for o in ('ada', 'lamb')) else 'linear'
+        if args.lr_base_scale == 'sqrt':
+            batch_ratio = batch_ratio ** 0.5
+        args.lr = args.lr_base * batch_ratio
+        if is_main:
+            _logger.info(f'Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) '
+                         f'and effective global batch size ({global_batch_size}) with {args.lr_base_scale} scaling.')
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', NoDecorLayersWarning)
+            optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **_dbp_opt_kwargs(args))
+    except NoDecorLayersWarning:
+        raise UserError(f'optimizer {args.opt!r} is a DBP optimizer but model {args.model!r} has no decorrelated '
+                        f'layers; use a dbp_ model ({", ".join(timm.list_models("dbp_*")[:4])}, ...) or a plain '
+                        f'optimizer') from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f'cannot create optimizer {args.opt!r}: {e}') from None
+    dbp = is_dbp_optimizer(optimizer)
+
+    loss_scaler = None
+    if args.amp and amp_dtype == torch.float16:
+        loss_scaler = utils.NativeScaler(device=device.type)
+    if is_main:
+        _logger.info(f'AMP: {"on, " + args.amp_dtype if args.amp else "off"}; optimizer {type(optimizer).__name__}'
+                     f'{" (DBP)" if dbp else ""}.')
+
+    start_epoch, best_metric, best_epoch, train_time = 0, None, None, 0.0
+    if checkpoint is not None:
+        _load_model_state(model, checkpoint['state_dict'], resume_path)
+        if not args.no_resume_opt:
+            optimizer.load_state_dict(checkpoint['optimizer'])
+            if loss_scaler is not None and 'scaler' in checkpoint:
+                loss_scaler.load_state_dict(checkpoint['scaler'])
+        start_epoch = checkpoint['epoch'] + 1
+        best_metric, best_epoch = checkpoint.get('best_metric'), checkpoint.get('best_epoch')
+        train_time = checkpoint.get('train_time', 0.0)
+        if is_main:
+            _logger.info(f'Resumed {resume_path} at epoch {start_epoch}')
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = utils.ModelEmaV3(
+            model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+            device='cpu' if args.model_ema_force_cpu else None)
+        if checkpoint is not None and checkpoint.get('state_dict_ema') is not None:
+            model_ema.module.load_state_dict(checkpoint['state_dict_ema'])
+
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+
+    train_model = model
+    if args.distributed:
+        decor_buffers = [f'{n}.{b}' for n, layer in timm_dbp.decor_layers(model) for b, _ in layer.named_buffers()]
+        # R is kept equal on every rank by the optimizer (all-gathered samples): never broadcast it
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, decor_buffers)
+        train_model = DistributedDataParallel(
+            model, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=not args.no_ddp_bb)
+
+    # Data
+    dataset_train = _build_dataset(args, args.train_split, True, args.train_num_samples)
+    dataset_eval = _build_dataset(args, args.val_split, False, args.val_num_samples)
+
+    collate_fn, mixup_fn = None, None
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    use_prefetcher = device.type == 'cuda' and not args.no_prefetcher
+    args.prefetcher_in_use = use_prefetcher
+    if mixup_active:
+        mixup_args = dict(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+            label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if use_prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config['interpolation']
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+        vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob or 0., gaussian_blur_prob=args.gaussian_blur_prob or 0.,
+        auto_augment=args.aa, num_aug_repeats=args.aug_repeats, interpolation=train_interpolation,
+        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        collate_fn=collate_fn, pin_memory=args.pin_mem, device=device, use_prefetcher=use_prefetcher,
+        use_multi_epochs_loader=args.use_multi_epochs_loader, worker_seeding=args.worker_seeding,
+        persistent_workers=False,
+    )
+    loader_eval = create_loader(
+        dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=use_prefetcher,
+        persistent_workers=False,
+    )
+
+    # Loss
+    if mixup_active:
+        if args.bce_loss:
+            train_loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
+                                               pos_weight=args.bce_pos_weight)
+        else:
+            train_loss_fn = SoftTargetCrossEntropy()
+    elif args.smoothing:
+        if args.bce_loss:
+            train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh,
+                                               sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+        else:
+            train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = nn.CrossEntropyLoss()
+    train_loss_fn = train_loss_fn.to(device=device)
+    validate_loss_fn = nn.CrossEntropyLoss().to(device=device)
+
+    # Scheduler
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                   updates_per_epoch=updates_per_epoch)
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+    if checkpoint is not None:
+        set_rng_state(checkpoint.get('rng_state'))
+
+    output_dir = None
+    if is_main:
+        output_dir = os.path.join(output_base, 'train', exp_name)
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+        _logger.info(f'Output: {output_dir}; scheduled epochs: {num_epochs}')
+
+    run_start = time.time()
+    if start_epoch >= num_epochs and is_main:
+        _logger.info(f'Nothing to do: checkpoint is at epoch {start_epoch - 1}, the run has {num_epochs} epochs.')
+    for epoch in range(start_epoch, num_epochs):
+        if hasattr(dataset_train, 'set_epoch'):
+            dataset_train.set_epoch(epoch)
+        elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+            loader_train.sampler.set_epoch(epoch)
+
+        train_metrics = train_one_epoch(
+            epoch, num_epochs, train_model, loader_train, optimizer, train_loss_fn, args, device=device,
+            lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,
+            mixup_fn=mixup_fn, num_updates_total=num_epochs * updates_per_epoch)
+        train_time += train_metrics.pop('epoch_time')
+        if dbp:
+            train_metrics.update(optimizer.dbp_summary())
+            train_metrics.pop('decor_layers', None)
+        train_metrics['train_time'] = train_time
+
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+
+        last_epoch = epoch + 1 == num_epochs
+        eval_metrics = None
+        if (epoch + 1) % args.val_interval == 0 or last_epoch:
+            eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device, amp_autocast)
+            if model_ema is not None:
+                if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                    utils.distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
+                ema_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device, amp_autocast,
+                                       log_suffix=' (EMA)')
+                eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+
+        if is_main:
+            lrs = [g['lr'] for g in optimizer.param_groups]
+            utils.update_summary(
+                epoch, train_metrics, eval_metrics or {}, filename=os.path.join(output_dir, 'summary.csv'),
+                lr=sum(lrs) / len(lrs), write_header=epoch == 0 or not os.path.exists(
+                    os.path.join(output_dir, 'summary.csv')))
+            metric = eval_metrics[args.eval_metric] if eval_metrics else None
+            if metric is not None and (best_metric is None or metric > best_metric):
+                best_metric, best_epoch = metric, epoch
+            state = dict(
+                epoch=epoch, arch=args.model, args=args, state_dict=model.state_dict(),
+                optimizer=optimizer.state_dict(), scaler=loss_scaler.state_dict() if loss_scaler else None,
+                state_dict_ema=model_ema.module.state_dict() if model_ema is not None else None,
+                metric=metric, best_metric=best_metric, best_epoch=best_epoch, train_time=train_time,
+                rng_state=rng_state(), version=2)
+            _save_checkpoints(state, output_dir, metric, best_epoch == epoch, args.checkpoint_hist)
+
+    if is_main:
+        best = f'{best_metric:.3f} (epoch {best_epoch})' if best_metric is not None else 'n/a'
+        _logger.info(f'*** Best {args.eval_metric}: {best}; training time {train_time:.1f}s, '
+                     f'wall-clock this run {time.time() - run_start:.1f}s')
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+    return best_metric
+
+
+def _save_checkpoints(state: dict, output_dir: str, metric, is_best: bool, hist: int) -> None:
+    """last.pth.tar every epoch, model_best.pth.tar and the `hist` best checkpoint-<epoch>.pth.tar, all atomic."""
+    save_atomic(state, os.path.join(output_dir, 'last.pth.tar'))
+    if metric is None:
+        return
+    if is_best:
+        save_atomic(state, os.path.join(output_dir, 'model_best.pth.tar'))
+    if hist > 0:
+        kept = []
+        for name in os.listdir(output_dir):
+            if name.startswith('checkpoint-') and name.endswith('.pth.tar'):
+                kept.append(name)
+        path = os.path.join(output_dir, f'checkpoint-{state["epoch"]}.pth.tar')
+        save_atomic(state, path)
+        scored = [(torch.load(os.path.join(output_dir, n), map_location='cpu', weights_only=False).get('metric')
+                   or float('-inf'), n) for n in kept] + [(metric, os.path.basename(path))]
+        for _, name in sorted(scored, reverse=True)[hist:]:
+            os.remove(os.path.join(output_dir, name))
+
+
+def train_one_epoch(
+        epoch, num_epochs, model, loader, optimizer, loss_fn, args, device, lr_scheduler=None,
+        amp_autocast=nullcontext, loss_scaler=None, model_ema=None, mixup_fn=None, num_updates_total=None):
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
+        mixup_fn.mixup_enabled = False
+    model.train()
+    accum = args.grad_accum_steps
+    last_accum_steps = len(loader) % accum or accum
+    updates_per_epoch = (len(loader) + accum - 1) // accum
+    num_updates = epoch * updates_per_epoch
+    last_batch_idx = len(loader) - 1
+    last_batch_idx_to_accum = len(loader) - last_accum_steps
+    losses_m = utils.AverageMeter()
+    seen, epoch_start = 0, time.time()
+    log_start = epoch_start
+    optimizer.zero_grad()
+    for batch_idx, (input, target) in enumerate(loader):
+        last_batch = batch_idx == last_batch_idx
+        need_update = last_batch or (batch_idx + 1) % accum == 0
+        update_idx = batch_idx // accum
+        if batch_idx >= last_batch_idx_to_accum:
+            accum = last_accum_steps
+        if not args.prefetcher_in_use:
+            input, target = input.to(device), target.to(device)
+            if mixup_fn is not None:
+                input, target = mixup_fn(input, target)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+
+        def forward():
+            with amp_autocast():
+                return loss_fn(model(input), target) / accum
+
+        sync = need_update or not isinstance(model, DistributedDataParallel)
+        with (nullcontext() if sync else model.no_sync()):
+            loss = forward()
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=model.parameters(), need_update=need_update)
+            else:
+                loss.backward()
+                if need_update:
+                    if args.clip_grad is not None:
+                        utils.dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+                    optimizer.step()
+        if need_update:
+            optimizer.zero_grad()
+            if model_ema is not None:
+                model_ema.update(model.module if hasattr(model, 'module') else model, step=num_updates)
+        losses_m.update(loss.item() * accum, input.size(0))
+        seen += input.size(0)
+
+        if not need_update:
+            continue
+        num_updates += 1
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
+        if args.rank == 0 and (update_idx % args.log_interval == 0 or last_batch):
+            now = time.time()
+            rate = seen * args.world_size / max(now - epoch_start, 1e-9)
+            epoch_eta = (updates_per_epoch - update_idx - 1) * (now - epoch_start) / (update_idx + 1)
+            run_eta = epoch_eta + (num_epochs - epoch - 1) * (now - epoch_start) * updates_per_epoch / (update_idx + 1)
+            lr = optimizer.param_groups[0]['lr']
+            _logger.info(
+                f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} ({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
+                f'Loss: {losses_m.val:#.3g} ({losses_m.avg:#.3g})  {rate:>7.1f} img/s  LR: {lr:.3e}  '
+                f'ETA epoch {_hms(epoch_eta)}, run {_hms(run_eta)}')
+            log_start = now
+    del log_start
+    return dict(loss=losses_m.avg, epoch_time=time.time() - epoch_start)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+@torch.no_grad()
+def validate(model, loader, loss_fn, args, device, amp_autocast=nullcontext, log_suffix=''):
+    losses_m, top1_m, top5_m = utils.AverageMeter(), utils.AverageMeter(), utils.AverageMeter()
+    model.eval()
+    for input, target in loader:
+        if not args.prefetcher_in_use:
+            input, target = input.to(device), target.to(device)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            output = model(input)
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            loss = loss_fn(output, target)
+        acc1, acc5 = utils.accuracy(output, target, topk=(1, min(5, output.shape[-1])))
+        if args.distributed:
+            loss, acc1, acc5 = (utils.reduce_tensor(t, args.world_size) for t in (loss.data, acc1, acc5))
+        losses_m.update(loss.item(), input.size(0))
+        top1_m.update(acc1.item(), output.size(0))
+        top5_m.update(acc5.item(), output.size(0))
+    if args.rank == 0:
+        _logger.info(f'Test{log_suffix}: Loss: {losses_m.avg:#.4g}  Acc@1: {top1_m.avg:.3f}  Acc@5: {top5_m.avg:.3f}')
+    return dict(loss=losses_m.avg, top1=top1_m.avg, top5=top5_m.avg)
+
+
+def run(argv=None) -> int:
+    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run())
