@@ -314,8 +314,12 @@ def _dbp_opt_kwargs(args) -> dict:
     return kwargs
 
 
+def _is_fashion_mnist(args) -> bool:
+    return args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist')
+
+
 def _build_dataset(args, split: str, is_training: bool, num_samples):
-    if args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist'):
+    if _is_fashion_mnist(args):
         return FashionMNIST(args.data_dir or FASHION_MNIST_DIR, split=split, num_samples=num_samples)
     if not args.data_dir and not args.dataset:
         raise UserError('no data: give --data-dir DIR (ImageFolder with train/ and validation/) or --dataset NAME')
@@ -354,7 +358,8 @@ def _load_model_state(model: nn.Module, state_dict: dict, source: str) -> None:
 
 
 def main(argv=None):
-    utils.setup_default_logging()
+    if not logging.getLogger().handlers:
+        utils.setup_default_logging()
     args, args_text = _parse_args(argv)
     for module in args.device_modules or []:
         importlib.import_module(module)
@@ -392,13 +397,14 @@ def main(argv=None):
         except CheckpointError as e:
             raise UserError(str(e)) from None
 
+    is_fmnist = _is_fashion_mnist(args)
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
-    if in_chans is None and args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist'):
+    if in_chans is None and is_fmnist:
         in_chans = 1
     model_kwargs = dict(args.model_kwargs)
     if in_chans is not None:
         model_kwargs['in_chans'] = in_chans
-    if args.num_classes is None and args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist'):
+    if args.num_classes is None and is_fmnist:
         args.num_classes = 10
     for name, value in (('drop_path_rate', args.drop_path), ('drop_block_rate', args.drop_block),
                         ('global_pool', args.gp), ('bn_momentum', args.bn_momentum), ('bn_eps', args.bn_eps)):
@@ -427,9 +433,10 @@ def main(argv=None):
         _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
                      f'{sum(m.numel() for m in model.parameters())}, DBP layers: {n_dbp}')
 
+    args.in_chans = in_chans
+    if is_fmnist and args.mean is None:
+        args.mean, args.std = (0.2860,) * (in_chans or 1), (0.3530,) * (in_chans or 1)
     data_config = resolve_data_config(vars(args), model=model, verbose=is_main)
-    if args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist') and args.mean is None:
-        data_config['mean'], data_config['std'] = (0.2860,), (0.3530,)
 
     model.to(device=device)
     if args.channels_last:
@@ -599,7 +606,7 @@ def main(argv=None):
         if dbp:
             train_metrics.update(optimizer.dbp_summary())
             train_metrics.pop('decor_layers', None)
-        train_metrics['train_time'] = train_time
+        train_metrics['time'] = train_time  # cumulative training wall-clock: summary.csv column train_time
 
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')

@@ -1,0 +1,157 @@
+""" Tests of train.py: DBP in the loop, exact resume, atomic checkpoints, clear errors on bad input """
+import csv
+import os
+import shutil
+
+import pytest
+import torch
+
+import train
+
+
+def _args(data_dir, out_dir, experiment, *extra):
+    return [
+        '--dataset', 'fashion_mnist', '--data-dir', data_dir, '--model', 'dbp_test_resnet', '--opt', 'dbpsgd',
+        '--img-size', '32', '-b', '32', '--epochs', '2', '--warmup-epochs', '0', '-j', '0', '--seed', '3',
+        '--output', out_dir, '--experiment', experiment, '--log-interval', '100', '--checkpoint-hist', '1',
+        '--decor-lr', '1e-3', *extra,
+    ]
+
+
+def _summary(out_dir, experiment):
+    with open(os.path.join(out_dir, 'train', experiment, 'summary.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+def _last(out_dir, experiment):
+    return torch.load(os.path.join(out_dir, 'train', experiment, 'last.pth.tar'), weights_only=False)
+
+
+def test_dbp_training_learns_R_and_logs_dbp_columns(tiny_fmnist, tmp_path):
+    assert train.run(_args(tiny_fmnist, str(tmp_path), 'dbp', '--model-ema', '--model-ema-decay', '0.9')) == 0
+    rows = _summary(str(tmp_path), 'dbp')
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    for key in ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr', 'train_decor_corr', 'train_decor_loss',
+                'train_decor_skipped', 'train_time', 'eval_ema_top1'):
+        assert key in rows[0], key
+    assert float(rows[1]['train_time']) > float(rows[0]['train_time']) > 0
+    ckpt = _last(str(tmp_path), 'dbp')
+    moved = [k for k, v in ckpt['state_dict'].items() if k.endswith('decor_matrix') and not torch.equal(v, torch.eye(len(v)))]
+    assert moved, 'R never moved'
+    assert 'dbp' in ckpt['optimizer'] and ckpt['optimizer']['dbp']['step'] == 16  # 2 epochs x 8 steps
+    assert any(k.endswith('decor_matrix') for k in ckpt['state_dict_ema'])
+
+
+def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    assert train.run(_args(tiny_fmnist, out, 'straight')) == 0
+
+    # the same run, stopped (killed) when the second epoch starts, then resumed in place with --resume auto
+    original = train.train_one_epoch
+
+    def stop_at_second_epoch(epoch, *args, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(epoch, *args, **kwargs)
+
+    monkeypatch.setattr(train, 'train_one_epoch', stop_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_args(tiny_fmnist, out, 'stopped'))
+    assert _last(out, 'stopped')['epoch'] == 0
+    monkeypatch.setattr(train, 'train_one_epoch', original)
+    assert train.run(_args(tiny_fmnist, out, 'stopped', '--resume', 'auto')) == 0
+
+    straight, resumed = _summary(out, 'straight'), _summary(out, 'stopped')
+    for key in ('train_loss', 'eval_loss', 'eval_top1', 'train_decor_corr', 'train_decor_loss', 'lr'):
+        assert straight[1][key] == resumed[1][key], key
+    a, b = _last(out, 'straight'), _last(out, 'stopped')
+    for key, value in a['state_dict'].items():
+        assert torch.equal(value, b['state_dict'][key]), key
+
+    # a finished run resumed again changes nothing
+    before = open(os.path.join(out, 'train', 'stopped', 'summary.csv')).read()
+    weights = _last(out, 'stopped')['state_dict']
+    assert train.run(_args(tiny_fmnist, out, 'stopped', '--resume', 'auto')) == 0
+    assert open(os.path.join(out, 'train', 'stopped', 'summary.csv')).read() == before
+    assert all(torch.equal(v, _last(out, 'stopped')['state_dict'][k]) for k, v in weights.items())
+
+
+def test_grad_accumulation_updates_R_once_per_optimizer_step(tiny_fmnist, tmp_path):
+    assert train.run(_args(tiny_fmnist, str(tmp_path), 'accum', '--grad-accum-steps', '2', '--epochs', '1')) == 0
+    assert _last(str(tmp_path), 'accum')['optimizer']['dbp']['step'] == 4  # 8 batches / 2
+
+
+def _error_of(capsys, argv):
+    code = train.run(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith('train.py: error:'), err  # (log lines before it are the run's progress log)
+    assert not any('Traceback' in line for line in err)
+    return err[-1]
+
+
+def test_unknown_model_names_it_and_suggests_dbp(tiny_fmnist, tmp_path, capsys):
+    argv = _args(tiny_fmnist, str(tmp_path), 'x')
+    argv[argv.index('dbp_test_resnet')] = 'dbp_resnet19'
+    err = _error_of(capsys, argv)
+    assert 'dbp_resnet19' in err and 'dbp_resnet18' in err
+
+
+@pytest.mark.parametrize('opt', ['dbp_sgdd', 'sgdd', 'dbpsgdx'])
+def test_unknown_optimizer(tiny_fmnist, tmp_path, capsys, opt):
+    argv = _args(tiny_fmnist, str(tmp_path), 'x')
+    argv[argv.index('dbpsgd')] = opt
+    assert opt in _error_of(capsys, argv)
+
+
+def test_dbp_optimizer_on_plain_model(tiny_fmnist, tmp_path, capsys):
+    argv = _args(tiny_fmnist, str(tmp_path), 'x')
+    argv[argv.index('dbp_test_resnet')] = 'test_resnet'
+    assert 'no decorrelated layers' in _error_of(capsys, argv)
+
+
+@pytest.mark.parametrize('make', ['missing', 'empty'])
+def test_missing_or_empty_data_dir(tmp_path, capsys, make):
+    data = tmp_path / 'data'
+    if make == 'empty':
+        (data / 'train').mkdir(parents=True)
+        (data / 'validation').mkdir()
+    argv = _args(str(data), str(tmp_path), 'x')
+    argv[argv.index('fashion_mnist')] = ''
+    err = _error_of(capsys, argv)
+    assert str(data) in err
+
+
+def test_corrupt_checkpoint_is_refused_and_nothing_is_overwritten(tiny_fmnist, tmp_path, capsys):
+    out = str(tmp_path)
+    assert train.run(_args(tiny_fmnist, out, 'run', '--epochs', '1')) == 0
+    exp = os.path.join(out, 'train', 'run')
+    last = os.path.join(exp, 'last.pth.tar')
+    data = open(last, 'rb').read()
+    with open(last, 'wb') as f:
+        f.write(data[:len(data) // 2])  # truncated
+    listing = {n: os.path.getmtime(os.path.join(exp, n)) for n in os.listdir(exp)}
+    err = _error_of(capsys, _args(tiny_fmnist, out, 'run', '--resume', 'auto'))
+    assert 'last.pth.tar' in err
+    assert {n: os.path.getmtime(os.path.join(exp, n)) for n in os.listdir(exp)} == listing
+    assert open(last, 'rb').read() == data[:len(data) // 2]
+
+
+def test_num_classes_mismatch_with_checkpoint(tiny_fmnist, tmp_path, capsys):
+    out = str(tmp_path)
+    assert train.run(_args(tiny_fmnist, out, 'run', '--epochs', '1')) == 0
+    ckpt = os.path.join(out, 'train', 'run', 'last.pth.tar')
+    err = _error_of(capsys, _args(tiny_fmnist, out, 'other', '--resume', ckpt, '--num-classes', '7'))
+    assert '10 classes' in err and '7' in err
+
+
+def test_yaml_config_unknown_key_warns_invalid_value_refused(tiny_fmnist, tmp_path):
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text('epochs: 1\nnot_a_flag: 3\n')
+    with pytest.warns(UserWarning, match='not_a_flag'):
+        assert train.run(['-c', str(cfg)] + _args(tiny_fmnist, str(tmp_path), 'yaml')) == 0
+    assert len(_summary(str(tmp_path), 'yaml')) == 2  # the command line's --epochs 2 beats the YAML
+    cfg.write_text('epochs: many\n')
+    with pytest.raises(SystemExit) as e:
+        train.run(['-c', str(cfg)] + _args(tiny_fmnist, str(tmp_path), 'yaml2'))
+    assert e.value.code == 2
