@@ -18,6 +18,7 @@ hold everything for an exact resume; `--resume auto` continues the experiment's 
 import argparse
 import difflib
 import importlib
+import inspect
 import logging
 import math
 import os
@@ -318,7 +319,7 @@ def _is_fashion_mnist(args) -> bool:
     return args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist')
 
 
-def _build_dataset(args, split: str, is_training: bool, num_samples):
+def build_dataset(args, split: str, is_training: bool, num_samples):
     if _is_fashion_mnist(args):
         return FashionMNIST(args.data_dir or FASHION_MNIST_DIR, split=split, num_samples=num_samples)
     if not args.data_dir and not args.dataset:
@@ -505,12 +506,16 @@ def main(argv=None):
         decor_buffers = [f'{n}.{b}' for n, layer in timm_dbp.decor_layers(model) for b, _ in layer.named_buffers()]
         # R is kept equal on every rank by the optimizer (all-gathered samples): never broadcast it
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, decor_buffers)
-        train_model = DistributedDataParallel(
-            model, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=not args.no_ddp_bb)
+        ddp_kwargs = dict(device_ids=[device] if device.type == 'cuda' else None)
+        if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters:  # newer torch
+            ddp_kwargs['forward_sync_buffers'] = not args.no_ddp_bb
+        else:
+            ddp_kwargs['broadcast_buffers'] = not args.no_ddp_bb
+        train_model = DistributedDataParallel(model, **ddp_kwargs)
 
     # Data
-    dataset_train = _build_dataset(args, args.train_split, True, args.train_num_samples)
-    dataset_eval = _build_dataset(args, args.val_split, False, args.val_num_samples)
+    dataset_train = build_dataset(args, args.train_split, True, args.train_num_samples)
+    dataset_eval = build_dataset(args, args.val_split, False, args.val_num_samples)
 
     collate_fn, mixup_fn = None, None
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None

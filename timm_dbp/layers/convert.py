@@ -6,7 +6,7 @@ costs exactly what the plain model costs and the state dict matches the plain ar
 Both walk the model recursively and return it, like `timm.layers.convert_sync_batchnorm`.
 """
 from fnmatch import fnmatch
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from timm.layers import Linear as TimmLinear
 
 from .decor_layers import DECOR_LAYERS, DecorConv2d, DecorLayer, DecorLinear
 
-__all__ = ['decorrelate', 'fold', 'decor_layers']
+__all__ = ['decorrelate', 'fold', 'fold_state_dict', 'decor_layers']
 
 _CONVERTIBLE_LINEAR = (nn.Linear, TimmLinear)  # exact types; subclasses may change the maths
 
@@ -112,3 +112,15 @@ def fold(model: nn.Module) -> nn.Module:
             if isinstance(child, DECOR_LAYERS):
                 setattr(module, child_name, _plain_twin(child))
     return model
+
+
+def fold_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The state dict of the folded model, from a DBP state dict: every `<layer>.weight` becomes W R and every
+    `<layer>.decor_matrix` is dropped, so DBP checkpoints load into the plain architecture."""
+    folded = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith('.decor_matrix')]:
+        prefix = key[:-len('decor_matrix')]
+        R = folded.pop(key)
+        W = folded[prefix + 'weight']
+        folded[prefix + 'weight'] = (W.reshape(W.shape[0], -1) @ R.to(W.dtype)).reshape(W.shape)
+    return folded

@@ -1,0 +1,50 @@
+""" Tests of validate.py: a checkpoint, its EMA, the folded model and the plain twin give consistent accuracy """
+import json
+import os
+
+import pytest
+import torch
+
+import train
+import validate
+
+
+@pytest.fixture(scope='module')
+def trained(tiny_fmnist, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('out'))
+    argv = ['--dataset', 'fashion_mnist', '--data-dir', tiny_fmnist, '--model', 'dbp_test_resnet', '--opt', 'dbpsgd',
+            '--img-size', '32', '-b', '32', '--epochs', '1', '--warmup-epochs', '0', '-j', '0', '--output', out,
+            '--experiment', 'v', '--decor-lr', '1e-2', '--model-ema', '--model-ema-decay', '0.5']
+    assert train.run(argv) == 0
+    return os.path.join(out, 'train', 'v', 'last.pth.tar')
+
+
+def _validate(tiny_fmnist, checkpoint, *extra, model='dbp_test_resnet'):
+    return validate.main(['--dataset', 'fashion_mnist', '--data-dir', tiny_fmnist, '--model', model,
+                          '--checkpoint', checkpoint, '--img-size', '32', '-j', '0', *extra])
+
+
+def test_fold_gives_the_same_accuracy(tiny_fmnist, trained):
+    plain = _validate(tiny_fmnist, trained)
+    folded = _validate(tiny_fmnist, trained, '--fold')
+    twin = _validate(tiny_fmnist, trained, model='test_resnet')  # DBP checkpoint folded into timm's model
+    assert plain['dbp_layers'] == 16 and folded['dbp_layers'] == 0 and twin['dbp_layers'] == 0
+    assert plain['top1'] == folded['top1'] == twin['top1']
+    assert plain['loss'] == pytest.approx(folded['loss'], rel=1e-4) == pytest.approx(twin['loss'], rel=1e-4)
+    ckpt = torch.load(trained, weights_only=False)
+    assert plain['top1'] == pytest.approx(ckpt['metric'])
+
+
+def test_ema_weights_and_results_file(tiny_fmnist, trained, tmp_path):
+    results = tmp_path / 'r.json'
+    ema = _validate(tiny_fmnist, trained, '--use-ema', '--fold', '--results-file', str(results))
+    assert json.loads(results.read_text())['top1'] == ema['top1'] and ema['ema']
+
+
+def test_bad_checkpoint_is_one_line(tiny_fmnist, tmp_path, capsys):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'not a checkpoint')
+    code = validate.run(['--dataset', 'fashion_mnist', '--data-dir', tiny_fmnist, '--model', 'dbp_test_resnet',
+                         '--checkpoint', str(bad), '-j', '0'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith('validate.py: error:') and 'bad.pth' in err[-1]
