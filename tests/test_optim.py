@@ -243,3 +243,14 @@ def test_with_dbp_signature_and_type_checks():
         assert name in params
     with pytest.raises(TypeError):
         timm_dbp.with_dbp(torch.nn.Linear)
+
+
+def test_sampling_never_draws_from_the_global_rng():
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01)
+    state = torch.get_rng_state()
+    x, y = _batch(0)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.dbp_summary()['decor_updates'] > 0
+    assert torch.equal(torch.get_rng_state(), state)

@@ -30,7 +30,12 @@ from .decorrelation import decorrelation_update_
 __all__ = ['DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'find_decor_layer', 'sample_conv_patches', 'sample_rows']
 
 
-def sample_conv_patches(x: torch.Tensor, conv: nn.Conv2d, num_samples: int) -> torch.Tensor:
+def sample_conv_patches(
+        x: torch.Tensor,
+        conv: nn.Conv2d,
+        num_samples: int,
+        generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Draw receptive-field patches of `conv` from input x, uniformly without replacement.
 
     A patch is indexed by (image, group, output row, output column); its entries are ordered
@@ -41,6 +46,7 @@ def sample_conv_patches(x: torch.Tensor, conv: nn.Conv2d, num_samples: int) -> t
         x: Conv input, shape (B, C, H, W), any dense memory format.
         conv: The convolution whose patches are drawn (padding, stride, dilation, groups).
         num_samples: How many patches; capped at the number of patches in x.
+        generator: Random generator on x's device (default: torch's global one).
 
     Returns:
         Patches, shape (min(num_samples, B * groups * H_out * W_out), C / groups * kh * kw).
@@ -61,7 +67,7 @@ def sample_conv_patches(x: torch.Tensor, conv: nn.Conv2d, num_samples: int) -> t
     per_image = groups * Ho * Wo
     n = min(num_samples, B * per_image)
     dev = x.device
-    idx = torch.randperm(B * per_image, device=dev)[:n]
+    idx = torch.randperm(B * per_image, device=dev, generator=generator)[:n]
     b, rest = idx // per_image, idx % per_image
     g, pos = rest // (Ho * Wo), rest % (Ho * Wo)
     cg = C // groups
@@ -80,11 +86,11 @@ def sample_conv_patches(x: torch.Tensor, conv: nn.Conv2d, num_samples: int) -> t
     return patches.reshape(n, cg * kh * kw)
 
 
-def sample_rows(x: torch.Tensor, num_samples: int) -> torch.Tensor:
+def sample_rows(x: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Draw rows of x (..., d) uniformly without replacement: shape (min(num_samples, rows), d)."""
     rows = x.reshape(-1, x.shape[-1])
     n = min(num_samples, rows.shape[0])
-    return rows[torch.randperm(rows.shape[0], device=x.device)[:n]]
+    return rows[torch.randperm(rows.shape[0], device=x.device, generator=generator)[:n]]
 
 
 # id(weight) -> (weakref(weight), weakref(layer)): lets an optimizer, which only sees parameters, find the
@@ -124,6 +130,7 @@ class DecorLayer:
     __jit_unused_properties__ = ['decor_dim']
     decor_matrix: torch.Tensor
     decor_samples: int
+    decor_seed: int
     decor_inputs: Optional[torch.Tensor]
 
     def _init_decor(self, device=None, dtype=None) -> None:
@@ -135,6 +142,7 @@ class DecorLayer:
         self.register_buffer('decor_loss', torch.full((), float('nan'), device=device), persistent=False)
         self.register_buffer('decor_corr', torch.full((), float('nan'), device=device), persistent=False)
         self.decor_samples = 0  # inputs to capture on the next training forward, 0 = off
+        self.decor_seed = -1  # seed of that sample (set by the optimizer); -1 = torch's global generator
         self.decor_inputs: Optional[torch.Tensor] = None
         self.reset_decorrelation()
         _register_weight(self)
@@ -167,11 +175,15 @@ class DecorLayer:
     @torch.jit.ignore
     def _store_decor_inputs(self, x: torch.Tensor) -> None:
         # NOTE under TorchScript this runs on the script wrapper: scripted models are for inference
+        generator = None
+        if self.decor_seed >= 0:  # own stream: sampling never shifts the training RNG (data order, dropout)
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(self.decor_seed)
         with torch.no_grad():
             if hasattr(self, 'kernel_size'):  # a conv (also seen through a TorchScript wrapper)
-                self.decor_inputs = sample_conv_patches(x.detach(), self, self.decor_samples)
+                self.decor_inputs = sample_conv_patches(x.detach(), self, self.decor_samples, generator)
             else:
-                self.decor_inputs = sample_rows(x.detach(), self.decor_samples)
+                self.decor_inputs = sample_rows(x.detach(), self.decor_samples, generator)
 
     def take_decor_inputs(self) -> Optional[torch.Tensor]:
         """Return and clear the sample stored by the last armed training forward ((n, d) inputs x)."""

@@ -43,6 +43,9 @@ DBP_DEFAULTS: Dict[str, Any] = dict(
 )
 
 
+_SEED_MOD = 2 ** 62
+
+
 class NoDecorLayersWarning(UserWarning):
     """A DBP optimizer found no decorrelated layer among its parameters: it only does plain BP."""
 
@@ -83,6 +86,8 @@ class DBPMixin:
             self._fill_group(group)
         self.dbp_verbose = verbose
         self.dbp_step = 0  # optimizer steps taken (saved in state_dict)
+        # seed of the sampling stream (saved in state_dict); from the process seed, no draw from the global RNG
+        self.dbp_seed = (torch.initial_seed() * 0x9E3779B1 + 12345) % _SEED_MOD
         self._routes: Optional[List[Tuple[DecorLayer, Dict[str, Any]]]] = None
         self._arm_layers()
 
@@ -127,10 +132,15 @@ class DBPMixin:
         return self._routes
 
     def _arm_layers(self) -> None:
-        """Ask layers to sample their inputs in the coming forward iff the next step updates their R."""
-        for layer, group in self.dbp_routes():
+        """Ask layers to sample their inputs in the coming forward iff the next step updates their R.
+
+        Each sample gets its own seed from (dbp_seed, step, layer), so sampling is reproducible on resume and
+        never draws from torch's global RNG (a DBP run sees the same data order as its BP twin).
+        """
+        for index, (layer, group) in enumerate(self.dbp_routes()):
             updates_next = self.dbp_step % group['decor_interval'] == 0
             layer.decor_samples = group['decor_samples'] if updates_next and group['decor_lr'] > 0 else 0
+            layer.decor_seed = (self.dbp_seed + 1_000_003 * self.dbp_step + 7919 * index) % _SEED_MOD
 
     @torch.no_grad()
     def _update_decorrelation(self) -> None:
@@ -174,6 +184,7 @@ class DBPMixin:
         state = super().state_dict()
         state['dbp'] = dict(
             step=self.dbp_step,
+            seed=self.dbp_seed,
             counters=[(int(layer.decor_updates), int(layer.decor_skipped)) for layer, _ in self.dbp_routes()],
         )
         return state
@@ -187,6 +198,7 @@ class DBPMixin:
         self._routes = None
         if dbp_state is not None:
             self.dbp_step = int(dbp_state['step'])
+            self.dbp_seed = int(dbp_state.get('seed', self.dbp_seed))
             routes = self.dbp_routes()
             if len(dbp_state['counters']) == len(routes):
                 for (layer, _), (updates, skipped) in zip(routes, dbp_state['counters']):
@@ -196,11 +208,13 @@ class DBPMixin:
 
     def __getstate__(self) -> Dict[str, Any]:
         # torch keeps only defaults / state / param_groups; layers are found again from the (copied) parameters
-        return dict(super().__getstate__(), dbp_step=self.dbp_step, dbp_verbose=self.dbp_verbose)
+        return dict(super().__getstate__(), dbp_step=self.dbp_step, dbp_seed=self.dbp_seed,
+                    dbp_verbose=self.dbp_verbose)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault('dbp_step', 0)
+        self.__dict__.setdefault('dbp_seed', 0)
         self.__dict__.setdefault('dbp_verbose', False)
         self._routes = None
 
