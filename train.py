@@ -240,22 +240,23 @@ class UserError(Exception):
 
 
 def _yaml_value_ok(action: argparse.Action, value) -> bool:
-    """Would argparse accept `value` for `action` (type, choices, nargs)?"""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    if action.nargs in (None, '?') and isinstance(value, (list, tuple)) and not isinstance(action.default, (list, tuple)):
+    """Would argparse accept `value` (from YAML) for `action`: its type, choices and number of values?"""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return isinstance(value, bool)
+    if isinstance(value, dict):
+        return isinstance(action, utils.ParseKwargs)
+    many = action.nargs not in (None, '?')
+    if isinstance(value, (list, tuple)) != many and value is not None:
         return False
-    for v in values:
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if not isinstance(v, bool):
-                return False
-            continue
+    for v in (value if many and value is not None else [value]):
         if v is None:
             continue
-        if action.type is not None and not isinstance(v, dict):
-            try:
-                action.type(v) if not isinstance(v, bool) else (_ for _ in ()).throw(TypeError())
-            except (TypeError, ValueError):
-                return False
+        if action.type in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return False
+        if action.type is int and isinstance(v, float) and not v.is_integer():
+            return False
+        if action.type is str and not isinstance(v, str):
+            return False
         if action.choices is not None and v not in action.choices:
             return False
     return True
@@ -590,8 +591,10 @@ def main(argv=None):
     if is_main:
         output_dir = os.path.join(output_base, 'train', exp_name)
         os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
+        args_file = os.path.join(output_dir, 'args.yaml')
+        if checkpoint is None or not os.path.exists(args_file):  # a resumed run keeps its original args.yaml
+            with open(args_file, 'w') as f:
+                f.write(args_text)
         _logger.info(f'Output: {output_dir}; scheduled epochs: {num_epochs}')
 
     run_start = time.time()

@@ -10,4 +10,4 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
-python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,examples]'

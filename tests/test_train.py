@@ -68,12 +68,15 @@ def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):
     for key, value in a['state_dict'].items():
         assert torch.equal(value, b['state_dict'][key]), key
 
-    # a finished run resumed again changes nothing
-    before = open(os.path.join(out, 'train', 'stopped', 'summary.csv')).read()
-    weights = _last(out, 'stopped')['state_dict']
+    # a finished run resumed again changes nothing: every file of the experiment stays byte for byte
+    exp = os.path.join(out, 'train', 'stopped')
+
+    def snapshot():
+        return {name: open(os.path.join(exp, name), 'rb').read() for name in sorted(os.listdir(exp))}
+
+    before = snapshot()
     assert train.run(_args(tiny_fmnist, out, 'stopped', '--resume', 'auto')) == 0
-    assert open(os.path.join(out, 'train', 'stopped', 'summary.csv')).read() == before
-    assert all(torch.equal(v, _last(out, 'stopped')['state_dict'][k]) for k, v in weights.items())
+    assert snapshot() == before
 
 
 def test_grad_accumulation_updates_R_once_per_optimizer_step(tiny_fmnist, tmp_path):
@@ -169,3 +172,20 @@ def test_torchrun_two_cpu_processes(tiny_fmnist, tmp_path):
     ckpt = _last(str(tmp_path), 'ddp')
     assert ckpt['optimizer']['dbp']['step'] == 4  # 256 images / (2 ranks x 32)
     assert any(not torch.equal(v, torch.eye(len(v))) for k, v in ckpt['state_dict'].items() if k.endswith('decor_matrix'))
+
+
+def test_image_folder_dataset(tmp_path):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 12), ('validation', 6)):
+        for cls in ('cat', 'dog', 'fox'):
+            folder = tmp_path / 'data' / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    argv = _args(str(tmp_path / 'data'), str(tmp_path), 'folder', '--epochs', '1', '--num-classes', '3')
+    argv[argv.index('fashion_mnist')] = ''
+    assert train.run(argv) == 0
+    rows = _summary(str(tmp_path), 'folder')
+    assert len(rows) == 1 and float(rows[0]['eval_top1']) >= 0
