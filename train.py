@@ -478,7 +478,7 @@ def main(argv=None):
         _logger.info(f'AMP: {"on, " + args.amp_dtype if args.amp else "off"}; optimizer {type(optimizer).__name__}'
                      f'{" (DBP)" if dbp else ""}.')
 
-    start_epoch, best_metric, best_epoch, train_time = 0, None, None, 0.0
+    start_epoch, best_metric, best_epoch, train_time, kept_checkpoints = 0, None, None, 0.0, []
     if checkpoint is not None:
         _load_model_state(model, checkpoint['state_dict'], resume_path)
         if not args.no_resume_opt:
@@ -488,6 +488,7 @@ def main(argv=None):
         start_epoch = checkpoint['epoch'] + 1
         best_metric, best_epoch = checkpoint.get('best_metric'), checkpoint.get('best_epoch')
         train_time = checkpoint.get('train_time', 0.0)
+        kept_checkpoints = [tuple(item) for item in checkpoint.get('kept_checkpoints', [])]
         if is_main:
             _logger.info(f'Resumed {resume_path} at epoch {start_epoch}')
 
@@ -647,8 +648,9 @@ def main(argv=None):
                 optimizer=optimizer.state_dict(), scaler=loss_scaler.state_dict() if loss_scaler else None,
                 state_dict_ema=model_ema.module.state_dict() if model_ema is not None else None,
                 metric=metric, best_metric=best_metric, best_epoch=best_epoch, train_time=train_time,
-                rng_state=rng_state(), version=2)
-            _save_checkpoints(state, output_dir, metric, best_epoch == epoch, args.checkpoint_hist)
+                rng_state=rng_state(), kept_checkpoints=kept_checkpoints, version=2)
+            _save_checkpoints(state, output_dir, best_epoch == epoch, args.checkpoint_hist)
+            kept_checkpoints = state['kept_checkpoints']
 
     if is_main:
         best = f'{best_metric:.3f} (epoch {best_epoch})' if best_metric is not None else 'n/a'
@@ -659,24 +661,25 @@ def main(argv=None):
     return best_metric
 
 
-def _save_checkpoints(state: dict, output_dir: str, metric, is_best: bool, hist: int) -> None:
-    """last.pth.tar every epoch, model_best.pth.tar and the `hist` best checkpoint-<epoch>.pth.tar, all atomic."""
-    save_atomic(state, os.path.join(output_dir, 'last.pth.tar'))
-    if metric is None:
-        return
-    if is_best:
+def _save_checkpoints(state: dict, output_dir: str, is_best: bool, hist: int) -> None:
+    """last.pth.tar every epoch; model_best.pth.tar and the `hist` best checkpoint-<epoch>.pth.tar, all atomic.
+
+    The kept files and their metrics travel in the checkpoint (`kept_checkpoints`), so a resumed run keeps
+    pruning the same list.
+    """
+    metric = state['metric']
+    if metric is not None and hist > 0:
+        name = f'checkpoint-{state["epoch"]}.pth.tar'
+        ranked = sorted(state['kept_checkpoints'] + [(metric, name)], key=lambda item: -item[0])
+        state['kept_checkpoints'] = ranked[:hist]
+        if (metric, name) in state['kept_checkpoints']:
+            save_atomic(state, os.path.join(output_dir, name))
+        for _, dropped in ranked[hist:]:
+            if dropped != name and os.path.exists(os.path.join(output_dir, dropped)):
+                os.remove(os.path.join(output_dir, dropped))
+    if metric is not None and is_best:
         save_atomic(state, os.path.join(output_dir, 'model_best.pth.tar'))
-    if hist > 0:
-        kept = []
-        for name in os.listdir(output_dir):
-            if name.startswith('checkpoint-') and name.endswith('.pth.tar'):
-                kept.append(name)
-        path = os.path.join(output_dir, f'checkpoint-{state["epoch"]}.pth.tar')
-        save_atomic(state, path)
-        scored = [(torch.load(os.path.join(output_dir, n), map_location='cpu', weights_only=False).get('metric')
-                   or float('-inf'), n) for n in kept] + [(metric, os.path.basename(path))]
-        for _, name in sorted(scored, reverse=True)[hist:]:
-            os.remove(os.path.join(output_dir, name))
+    save_atomic(state, os.path.join(output_dir, 'last.pth.tar'))  # last: the resume point is always complete
 
 
 def train_one_epoch(
@@ -693,7 +696,6 @@ def train_one_epoch(
     last_batch_idx_to_accum = len(loader) - last_accum_steps
     losses_m = utils.AverageMeter()
     seen, epoch_start = 0, time.time()
-    log_start = epoch_start
     optimizer.zero_grad()
     for batch_idx, (input, target) in enumerate(loader):
         last_batch = batch_idx == last_batch_idx
@@ -746,8 +748,6 @@ def train_one_epoch(
                 f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} ({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
                 f'Loss: {losses_m.val:#.3g} ({losses_m.avg:#.3g})  {rate:>7.1f} img/s  LR: {lr:.3e}  '
                 f'ETA epoch {_hms(epoch_eta)}, run {_hms(run_eta)}')
-            log_start = now
-    del log_start
     return dict(loss=losses_m.avg, epoch_time=time.time() - epoch_start)
 
 

@@ -40,6 +40,9 @@ def test_dbp_training_learns_R_and_logs_dbp_columns(tiny_fmnist, tmp_path):
     assert moved, 'R never moved'
     assert 'dbp' in ckpt['optimizer'] and ckpt['optimizer']['dbp']['step'] == 16  # 2 epochs x 8 steps
     assert any(k.endswith('decor_matrix') for k in ckpt['state_dict_ema'])
+    files = sorted(os.listdir(os.path.join(str(tmp_path), 'train', 'dbp')))
+    best = max(range(2), key=lambda e: float(rows[e]['eval_top1']))
+    assert files == ['args.yaml', f'checkpoint-{best}.pth.tar', 'last.pth.tar', 'model_best.pth.tar', 'summary.csv']
 
 
 def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):
