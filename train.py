@@ -503,17 +503,7 @@ def main(argv=None):
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
 
-    train_model = model
-    if args.distributed:
-        decor_buffers = [f'{n}.{b}' for n, layer in timm_dbp.decor_layers(model) for b, _ in layer.named_buffers()]
-        # R is kept equal on every rank by the optimizer (all-gathered samples): never broadcast it
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, decor_buffers)
-        ddp_kwargs = dict(device_ids=[device] if device.type == 'cuda' else None)
-        if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters:  # newer torch
-            ddp_kwargs['forward_sync_buffers'] = not args.no_ddp_bb
-        else:
-            ddp_kwargs['broadcast_buffers'] = not args.no_ddp_bb
-        train_model = DistributedDataParallel(model, **ddp_kwargs)
+    train_model = wrap_ddp(model, device, broadcast_buffers=not args.no_ddp_bb) if args.distributed else model
 
     # Data
     dataset_train = build_dataset(args, args.train_split, True, args.train_num_samples)
@@ -659,6 +649,19 @@ def main(argv=None):
     if args.distributed:
         torch.distributed.destroy_process_group()
     return best_metric
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, broadcast_buffers: bool = True) -> DistributedDataParallel:
+    """DistributedDataParallel that never broadcasts DBP buffers: the optimizer keeps R equal on every rank
+    (all-gathered samples), so re-sending hundreds of MiB of R from rank 0 every forward would be pure cost."""
+    decor_buffers = [f'{n}.{b}' for n, layer in timm_dbp.decor_layers(model) for b, _ in layer.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, decor_buffers)
+    kwargs = dict(device_ids=[device] if device.type == 'cuda' else None)
+    if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters:  # newer torch
+        kwargs['forward_sync_buffers'] = broadcast_buffers
+    else:
+        kwargs['broadcast_buffers'] = broadcast_buffers
+    return DistributedDataParallel(model, **kwargs)
 
 
 def _save_checkpoints(state: dict, output_dir: str, is_best: bool, hist: int) -> None:

@@ -93,9 +93,11 @@ def main(argv=None):
     model_kwargs = {'in_chans': in_chans} if in_chans else {}
     if args.num_classes is None and is_fmnist:
         args.num_classes = 10
+    from_hub = args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:'))
+    pretrained = args.pretrained or (from_hub and not args.checkpoint)  # a hub / local-dir model brings its weights
     try:
-        model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, **model_kwargs)
-    except (TypeError, RuntimeError) as e:
+        model = create_model(args.model, pretrained=pretrained, num_classes=args.num_classes, **model_kwargs)
+    except (TypeError, RuntimeError, OSError, ValueError) as e:
         raise UserError(f'cannot create model {args.model!r}: {e}'.splitlines()[0]) from None
     if args.checkpoint:
         _load_weights(model, args.checkpoint, args.use_ema)

@@ -50,3 +50,20 @@ def test_ddp_ranks_hold_identical_R_and_weights(tmp_path):
         assert torch.equal(value, states[1][key]), f'{key} differs between ranks'
     moved = [k for k in decor_keys if not torch.equal(states[0][k], torch.eye(states[0][k].shape[0]))]
     assert len(moved) == len(decor_keys), 'every R must have moved from the identity'
+
+
+def test_train_ddp_wrapper_never_broadcasts_R(tmp_path):
+    import timm
+    import train
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=0, world_size=1)
+    try:
+        model = timm.create_model('dbp_test_resnet', num_classes=4)
+        ddp = train.wrap_ddp(model, torch.device('cpu'))
+        ignored = set(model._ddp_params_and_buffers_to_ignore)
+        decor = {n for n, _ in model.named_buffers() if '.decor_' in n}
+        assert decor and decor <= ignored
+        assert not any('running_mean' in n for n in ignored)  # BatchNorm stats are still synced
+        broadcast = {n for n, _ in ddp.module.named_buffers() if n not in ignored}
+        assert broadcast and not any('decor' in n for n in broadcast)
+    finally:
+        dist.destroy_process_group()

@@ -48,3 +48,28 @@ def test_bad_checkpoint_is_one_line(tiny_fmnist, tmp_path, capsys):
                          '--checkpoint', str(bad), '-j', '0'])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith('validate.py: error:') and 'bad.pth' in err[-1]
+
+
+def test_hf_hub_model_offline_from_the_cache_layout(tiny_fmnist, trained, tmp_path):
+    """validate.py --model hf-hub:org/name, served from a Hugging Face cache folder with HF_HUB_OFFLINE=1."""
+    import subprocess
+    import sys
+    import timm
+    from timm.models import save_for_hf
+    commit = 'a' * 40
+    snapshot = tmp_path / 'hf' / 'hub' / 'models--timm-dbp--fmnist-test' / 'snapshots' / commit
+    model = timm.create_model('dbp_test_resnet', num_classes=10, in_chans=1)
+    model.load_state_dict(torch.load(trained, weights_only=False)['state_dict'])
+    save_for_hf(model, str(snapshot), model_args=dict(in_chans=1), safe_serialization=True)
+    refs = snapshot.parent.parent / 'refs'
+    refs.mkdir()
+    (refs / 'main').write_text(commit)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HOME=str(tmp_path / 'hf'), HF_HUB_OFFLINE='1')
+    cmd = [sys.executable, os.path.join(root, 'validate.py'), '--dataset', 'fashion_mnist', '--data-dir', tiny_fmnist,
+           '--model', 'hf-hub:timm-dbp/fmnist-test', '--img-size', '32', '-j', '0']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hub = json.loads(proc.stdout.strip().splitlines()[-1])
+    local = _validate(tiny_fmnist, trained)
+    assert hub['top1'] == local['top1'] and hub['dbp_layers'] == 16
