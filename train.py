@@ -20,7 +20,6 @@ import difflib
 import importlib
 import inspect
 import logging
-import math
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from timm import utils
 from timm.data import (
     FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config,
 )
-from timm.layers import convert_sync_batchnorm, set_fast_norm  # noqa: F401
+from timm.layers import convert_sync_batchnorm, set_fast_norm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -320,6 +319,19 @@ def _is_fashion_mnist(args) -> bool:
     return args.dataset.lower() in ('fashion_mnist', 'fashion-mnist', 'fmnist')
 
 
+def apply_dataset_defaults(args) -> None:
+    """Channels from --input-size; for Fashion-MNIST 1 channel, 10 classes and its mean / std unless given."""
+    if args.in_chans is None and getattr(args, 'input_size', None):
+        args.in_chans = args.input_size[0]
+    if not _is_fashion_mnist(args):
+        return
+    args.in_chans = args.in_chans or 1
+    if args.num_classes is None:
+        args.num_classes = 10
+    if args.mean is None:
+        args.mean, args.std = (0.2860,) * args.in_chans, (0.3530,) * args.in_chans
+
+
 def build_dataset(args, split: str, is_training: bool, num_samples):
     if _is_fashion_mnist(args):
         return FashionMNIST(args.data_dir or FASHION_MNIST_DIR, split=split, num_samples=num_samples)
@@ -399,15 +411,10 @@ def main(argv=None):
         except CheckpointError as e:
             raise UserError(str(e)) from None
 
-    is_fmnist = _is_fashion_mnist(args)
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
-    if in_chans is None and is_fmnist:
-        in_chans = 1
+    apply_dataset_defaults(args)
     model_kwargs = dict(args.model_kwargs)
-    if in_chans is not None:
-        model_kwargs['in_chans'] = in_chans
-    if args.num_classes is None and is_fmnist:
-        args.num_classes = 10
+    if args.in_chans is not None:
+        model_kwargs['in_chans'] = args.in_chans
     for name, value in (('drop_path_rate', args.drop_path), ('drop_block_rate', args.drop_block),
                         ('global_pool', args.gp), ('bn_momentum', args.bn_momentum), ('bn_eps', args.bn_eps)):
         if value is not None:
@@ -435,9 +442,6 @@ def main(argv=None):
         _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
                      f'{sum(m.numel() for m in model.parameters())}, DBP layers: {n_dbp}')
 
-    args.in_chans = in_chans
-    if is_fmnist and args.mean is None:
-        args.mean, args.std = (0.2860,) * (in_chans or 1), (0.3530,) * (in_chans or 1)
     data_config = resolve_data_config(vars(args), model=model, verbose=is_main)
 
     model.to(device=device)
@@ -784,14 +788,18 @@ def validate(model, loader, loss_fn, args, device, amp_autocast=nullcontext, log
     return dict(loss=losses_m.avg, top1=top1_m.avg, top5=top5_m.avg)
 
 
-def run(argv=None) -> int:
-    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+def run_cli(main_fn, prog: str, argv=None) -> int:
+    """Run a script's main: bad input is one line on stderr and exit code 2, never a traceback."""
     try:
-        main(argv)
+        main_fn(argv)
     except UserError as e:
-        print(f'train.py: error: {e}', file=sys.stderr)
+        print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
     return 0
+
+
+def run(argv=None) -> int:
+    return run_cli(main, 'train.py', argv)
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ from timm.models import create_model
 import timm_dbp
 from timm_dbp.models.dbp_resnet import checkpoint_filter_fn
 from timm_dbp.utils.checkpoint import CheckpointError, load_checkpoint_file
-from train import UserError, _check_args, _is_fashion_mnist, _load_model_state, build_dataset, validate
+from train import UserError, _check_args, _load_model_state, apply_dataset_defaults, build_dataset, run_cli, validate
 
 _logger = logging.getLogger('validate')
 
@@ -88,11 +88,8 @@ def main(argv=None):
     args.epochs, args.grad_accum_steps, args.val_interval = 1, 1, 1  # for the shared checks
     _check_args(args)
     device = torch.device(args.device)
-    is_fmnist = _is_fashion_mnist(args)
-    in_chans = args.in_chans or (1 if is_fmnist else None)
-    model_kwargs = {'in_chans': in_chans} if in_chans else {}
-    if args.num_classes is None and is_fmnist:
-        args.num_classes = 10
+    apply_dataset_defaults(args)
+    model_kwargs = {'in_chans': args.in_chans} if args.in_chans else {}
     from_hub = args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:'))
     pretrained = args.pretrained or (from_hub and not args.checkpoint)  # a hub / local-dir model brings its weights
     try:
@@ -107,9 +104,6 @@ def main(argv=None):
     _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters())} params, {n_dbp} DBP layers'
                  f'{" (folded)" if args.fold else ""}')
 
-    args.in_chans = in_chans
-    if is_fmnist and args.mean is None:
-        args.mean, args.std = (0.2860,) * (in_chans or 1), (0.3530,) * (in_chans or 1)
     data_config = resolve_data_config(vars(args), model=model)
     model.to(device)
     if args.channels_last:
@@ -136,12 +130,7 @@ def main(argv=None):
 
 
 def run(argv=None) -> int:
-    try:
-        main(argv)
-    except UserError as e:
-        print(f'validate.py: error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, 'validate.py', argv)
 
 
 if __name__ == '__main__':

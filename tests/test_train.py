@@ -1,7 +1,6 @@
 """ Tests of train.py: DBP in the loop, exact resume, atomic checkpoints, clear errors on bad input """
 import csv
 import os
-import shutil
 
 import pytest
 import torch
