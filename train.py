@@ -46,7 +46,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import timm_dbp
 from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
-from timm_dbp.optim import NoDecorLayersWarning, is_dbp_optimizer
+from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
 from timm_dbp.utils.checkpoint import CheckpointError, load_checkpoint_file, rng_state, save_atomic, set_rng_state
 
 _logger = logging.getLogger('train')
@@ -307,8 +307,9 @@ def _check_args(args) -> None:
         raise UserError(f'unknown model {args.model!r}.{hint} DBP models: {dbp}')
 
 
-def _dbp_opt_kwargs(args) -> dict:
-    kwargs = dict(args.opt_args or {})
+def _optimizer_kwargs(args) -> dict:
+    """timm's optimizer kwargs (incl. --opt-kwargs), with the --decor-* / --kappa shortcuts on top."""
+    kwargs = optimizer_kwargs(cfg=args)
     for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval'):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
@@ -466,21 +467,21 @@ def main(argv=None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', NoDecorLayersWarning)
-            optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **_dbp_opt_kwargs(args))
+            optimizer = create_optimizer_v2(model, **_optimizer_kwargs(args))
     except NoDecorLayersWarning:
         raise UserError(f'optimizer {args.opt!r} is a DBP optimizer but model {args.model!r} has no decorrelated '
                         f'layers; use a dbp_ model ({", ".join(timm.list_models("dbp_*")[:4])}, ...) or a plain '
                         f'optimizer') from None
     except (ValueError, TypeError) as e:
         raise UserError(f'cannot create optimizer {args.opt!r}: {e}') from None
-    dbp = is_dbp_optimizer(optimizer)
+    dbp = dbp_optimizer_of(optimizer)  # also inside lookahead_
 
     loss_scaler = None
     if args.amp and amp_dtype == torch.float16:
         loss_scaler = utils.NativeScaler(device=device.type)
     if is_main:
         _logger.info(f'AMP: {"on, " + args.amp_dtype if args.amp else "off"}; optimizer {type(optimizer).__name__}'
-                     f'{" (DBP)" if dbp else ""}.')
+                     f'{" (DBP)" if dbp is not None else ""}.')
 
     start_epoch, best_metric, best_epoch, train_time, kept_checkpoints = 0, None, None, 0.0, []
     if checkpoint is not None:
@@ -570,8 +571,11 @@ def main(argv=None):
 
     # Scheduler
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
-                                                   updates_per_epoch=updates_per_epoch)
+    try:
+        lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                       updates_per_epoch=updates_per_epoch)
+    except (ValueError, AssertionError) as e:
+        raise UserError(f'bad schedule --sched {args.sched}: {e}') from None
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
     if lr_scheduler is not None and start_epoch > 0:
@@ -606,8 +610,8 @@ def main(argv=None):
             lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,
             mixup_fn=mixup_fn, num_updates_total=num_epochs * updates_per_epoch)
         train_time += train_metrics.pop('epoch_time')
-        if dbp:
-            train_metrics.update(optimizer.dbp_summary())
+        if dbp is not None:
+            train_metrics.update(dbp.dbp_summary())
             train_metrics.pop('decor_layers', None)
         train_metrics['time'] = train_time  # cumulative training wall-clock: summary.csv column train_time
 

@@ -191,3 +191,25 @@ def test_image_folder_dataset(tmp_path):
     assert train.run(argv) == 0
     rows = _summary(str(tmp_path), 'folder')
     assert len(rows) == 1 and float(rows[0]['eval_top1']) >= 0
+
+
+@pytest.mark.parametrize('extra', [
+    ['--sched', 'wsd', '--decay-epochs', '1', '--lr-stable-timescale', '0.5'],
+    ['--sched', 'step', '--decay-epochs', '1', '--opt', 'dbpadamw'],
+    ['--aa', 'rand-m9-mstd0.5', '--mixup', '0.2', '--cutmix', '1.0', '--reprob', '0.25'],
+    ['--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--clip-grad', '1.0', '--grad-accum-steps', '2'],
+    ['--amp', '--clip-grad', '1.0'],
+    ['--bce-loss', '--model-ema', '--val-interval', '2', '--opt', 'lookahead_dbp_sgd'],
+    ['--opt', 'dbplamb', '--opt-kwargs', 'decor_interval=2', 'kappa=0.5', '--layer-decay', '0.8'],
+], ids=['wsd', 'step-adamw', 'aa-mixup-cutmix', 'amp-bf16-accum', 'amp-fp16-scaler', 'bce-ema-lookahead', 'lamb-kwargs'])
+def test_timm_recipe_flags_train_dbp(tiny_fmnist, tmp_path, extra):
+    argv = _args(tiny_fmnist, str(tmp_path), 'flags', *extra)
+    assert train.run(argv) == 0
+    rows = _summary(str(tmp_path), 'flags')
+    assert len(rows) == 2 and int(rows[-1]['train_decor_updates']) > 0
+    ckpt = _last(str(tmp_path), 'flags')
+    assert all(torch.isfinite(v).all() for k, v in ckpt['state_dict'].items() if k.endswith('decor_matrix'))
+
+
+def test_bad_schedule_is_one_line(tiny_fmnist, tmp_path, capsys):
+    assert 'wsd' in _error_of(capsys, _args(tiny_fmnist, str(tmp_path), 'x', '--sched', 'wsd'))

@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from timm_dbp.layers import DecorLayer, find_decor_layer
 
-__all__ = ['with_dbp', 'is_dbp_optimizer', 'NoDecorLayersWarning', 'DBP_DEFAULTS']
+__all__ = ['with_dbp', 'is_dbp_optimizer', 'dbp_optimizer_of', 'NoDecorLayersWarning', 'DBP_DEFAULTS']
 
 _logger = logging.getLogger(__name__)
 
@@ -271,7 +271,12 @@ def with_dbp(base_class: Type[Optimizer]) -> Type[Optimizer]:
     return cls
 
 
+def dbp_optimizer_of(optimizer: Any) -> Optional[DBPMixin]:
+    """The DBP optimizer itself (also inside timm's Lookahead), or None for a plain optimizer."""
+    base = getattr(optimizer, '_base_optimizer', optimizer)  # timm's Lookahead
+    return base if isinstance(base, DBPMixin) else None
+
+
 def is_dbp_optimizer(optimizer: Any) -> bool:
     """True for optimizers built by `with_dbp` (also when wrapped by timm's Lookahead)."""
-    base = getattr(optimizer, '_base_optimizer', optimizer)  # timm's Lookahead
-    return isinstance(base, DBPMixin)
+    return dbp_optimizer_of(optimizer) is not None
