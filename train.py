@@ -353,6 +353,28 @@ def build_dataset(args, split: str, is_training: bool, num_samples):
     return dataset
 
 
+def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> None:
+    """A training checkpoint (state_dict / state_dict_ema), or a bare state dict (plain, folded or DBP)."""
+    try:
+        checkpoint = load_checkpoint_file(path)
+        key = 'state_dict_ema' if use_ema else 'state_dict'
+        if checkpoint.get(key) is None:
+            raise UserError(f'{path} has no {key}')
+        state_dict = checkpoint[key]
+    except CheckpointError:
+        try:
+            state_dict = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise UserError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}'.splitlines()[0]) from None
+        if use_ema:
+            raise UserError(f'{path} is a bare state dict: it has no EMA weights')
+    if any(True for _ in timm_dbp.decor_layers(model)):
+        state_dict = timm_dbp.fill_decor_matrices(state_dict, model)  # a folded / plain checkpoint: R = I
+    else:
+        state_dict = timm_dbp.fold_state_dict(state_dict)  # a DBP checkpoint into the plain model: W R
+    _load_model_state(model, state_dict, path)
+
+
 def _classifier_shape(state_dict: dict, model: nn.Module):
     classifier = model.pretrained_cfg.get('classifier', 'fc') if hasattr(model, 'pretrained_cfg') else 'fc'
     weight = state_dict.get(f'{classifier}.weight')
@@ -431,11 +453,7 @@ def main(argv=None):
         assert hasattr(model, 'num_classes'), 'Model must have `num_classes` attr if not set on cmd line/config.'
         args.num_classes = model.num_classes
     if args.initial_checkpoint:
-        try:
-            state = load_checkpoint_file(args.initial_checkpoint)['state_dict']
-        except CheckpointError:
-            state = torch.load(args.initial_checkpoint, map_location='cpu', weights_only=True)
-        _load_model_state(model, state, args.initial_checkpoint)
+        load_weights(model, args.initial_checkpoint)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     if is_main:

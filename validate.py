@@ -22,9 +22,7 @@ from timm.data import create_loader, resolve_data_config
 from timm.models import create_model
 
 import timm_dbp
-from timm_dbp.models.dbp_resnet import checkpoint_filter_fn
-from timm_dbp.utils.checkpoint import CheckpointError, load_checkpoint_file
-from train import UserError, _check_args, _load_model_state, apply_dataset_defaults, build_dataset, run_cli, validate
+from train import UserError, _check_args, apply_dataset_defaults, build_dataset, load_weights, run_cli, validate
 
 _logger = logging.getLogger('validate')
 
@@ -58,28 +56,6 @@ parser.add_argument('--channels-last', action='store_true', default=False, help=
 parser.add_argument('--results-file', default='', type=str, metavar='FILENAME', help='write the results as JSON')
 
 
-def _load_weights(model: nn.Module, path: str, use_ema: bool) -> None:
-    """A training checkpoint (state_dict / state_dict_ema), or a bare state dict (plain, folded or DBP)."""
-    try:
-        checkpoint = load_checkpoint_file(path)
-        key = 'state_dict_ema' if use_ema else 'state_dict'
-        if checkpoint.get(key) is None:
-            raise UserError(f'{path} has no {key}')
-        state_dict = checkpoint[key]
-    except CheckpointError:
-        try:
-            state_dict = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise UserError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}'.splitlines()[0]) from None
-        if use_ema:
-            raise UserError(f'{path} is a bare state dict: it has no EMA weights')
-    if any(True for _ in timm_dbp.decor_layers(model)):
-        state_dict = checkpoint_filter_fn(state_dict, model)  # a folded / plain checkpoint: R = I
-    else:
-        state_dict = timm_dbp.fold_state_dict(state_dict)  # a DBP checkpoint into the plain model: W R
-    _load_model_state(model, state_dict, path)
-
-
 def main(argv=None):
     if not logging.getLogger().handlers:
         utils.setup_default_logging()
@@ -97,7 +73,7 @@ def main(argv=None):
     except (TypeError, RuntimeError, OSError, ValueError) as e:
         raise UserError(f'cannot create model {args.model!r}: {e}'.splitlines()[0]) from None
     if args.checkpoint:
-        _load_weights(model, args.checkpoint, args.use_ema)
+        load_weights(model, args.checkpoint, args.use_ema)
     if args.fold:
         model = timm_dbp.fold(model)
     n_dbp = len(list(timm_dbp.decor_layers(model)))

@@ -213,3 +213,14 @@ def test_timm_recipe_flags_train_dbp(tiny_fmnist, tmp_path, extra):
 
 def test_bad_schedule_is_one_line(tiny_fmnist, tmp_path, capsys):
     assert 'wsd' in _error_of(capsys, _args(tiny_fmnist, str(tmp_path), 'x', '--sched', 'wsd'))
+
+
+def test_initial_checkpoint_plain_weights_into_dbp(tiny_fmnist, tmp_path, capsys):
+    import timm
+    plain = timm.create_model('test_resnet', num_classes=10, in_chans=1)
+    torch.save(plain.state_dict(), tmp_path / 'plain.pth')
+    assert train.run(_args(tiny_fmnist, str(tmp_path), 'init', '--epochs', '1',
+                           '--initial-checkpoint', str(tmp_path / 'plain.pth'))) == 0
+    (tmp_path / 'garbage.pth').write_bytes(b'garbage')
+    err = _error_of(capsys, _args(tiny_fmnist, str(tmp_path), 'x', '--initial-checkpoint', str(tmp_path / 'garbage.pth')))
+    assert 'garbage.pth' in err

@@ -15,7 +15,7 @@ from timm.layers import Linear as TimmLinear
 
 from .decor_layers import DECOR_LAYERS, DecorConv2d, DecorLayer, DecorLinear
 
-__all__ = ['decorrelate', 'fold', 'fold_state_dict', 'decor_layers']
+__all__ = ['decorrelate', 'fold', 'fold_state_dict', 'fill_decor_matrices', 'decor_layers']
 
 _CONVERTIBLE_LINEAR = (nn.Linear, TimmLinear)  # exact types; subclasses may change the maths
 
@@ -124,3 +124,14 @@ def fold_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
         W = folded[prefix + 'weight']
         folded[prefix + 'weight'] = (W.reshape(W.shape[0], -1) @ R.to(W.dtype)).reshape(W.shape)
     return folded
+
+
+def fill_decor_matrices(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Complete a plain (or folded) state dict for DBP `model`: every missing `<layer>.decor_matrix` becomes I,
+    so plain timm / torchvision weights load into the DBP twin with an unchanged function."""
+    state_dict = dict(state_dict)
+    for name, layer in decor_layers(model):
+        key = f'{name}.decor_matrix'
+        if key not in state_dict:
+            state_dict[key] = torch.eye(layer.decor_dim, dtype=layer.weight.dtype)
+    return state_dict

@@ -39,11 +39,14 @@ def sample_conv_patches(
     """Draw receptive-field patches of `conv` from input x, uniformly without replacement.
 
     A patch is indexed by (image, group, output row, output column); its entries are ordered
-    (channel, kernel row, kernel column), the same order as `conv.weight[o].flatten()`. Zero padding is
-    applied by masking the gathered entries, so the input is never copied (other padding modes pad first).
+    (channel, kernel row, kernel column), the same order as `conv.weight[o].flatten()`.
+
+    Cost: the input is viewed channels-last (one copy unless it already is) and whole channel vectors are
+    gathered for the n * kh * kw sampled pixels, so the index tensors have n * kh * kw entries, not n * d.
+    Zero padding is applied by masking those pixels (other padding modes pad the input first).
 
     Args:
-        x: Conv input, shape (B, C, H, W), any dense memory format.
+        x: Conv input, shape (B, C, H, W).
         conv: The convolution whose patches are drawn (padding, stride, dilation, groups).
         num_samples: How many patches; capped at the number of patches in x.
         generator: Random generator on x's device (default: torch's global one).
@@ -58,8 +61,6 @@ def sample_conv_patches(
     if conv.padding_mode != 'zeros':
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
         pad_left = pad_right = pad_top = pad_bottom = 0
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
     B, C, H, W = x.shape
     groups = conv.groups
     Ho = (H + pad_top + pad_bottom - dh * (kh - 1) - 1) // sh + 1
@@ -70,20 +71,16 @@ def sample_conv_patches(
     idx = torch.randperm(B * per_image, device=dev, generator=generator)[:n]
     b, rest = idx // per_image, idx % per_image
     g, pos = rest // (Ho * Wo), rest % (Ho * Wo)
-    cg = C // groups
-    chans = g[:, None] * cg + torch.arange(cg, device=dev)  # (n, cg)
     rows = (pos // Wo)[:, None] * sh + torch.arange(kh, device=dev) * dh - pad_top  # (n, kh), unpadded coords
     cols = (pos % Wo)[:, None] * sw + torch.arange(kw, device=dev) * dw - pad_left  # (n, kw)
-    inside = ((rows >= 0) & (rows < H))[:, None, :, None] & ((cols >= 0) & (cols < W))[:, None, None, :]
-    sb, sc, sy, sx = x.stride()
-    offsets = (
-        (b[:, None] * sb + chans * sc)[:, :, None, None]
-        + (rows.clamp(0, H - 1) * sy)[:, None, :, None]
-        + (cols.clamp(0, W - 1) * sx)[:, None, None, :]
-    )  # (n, cg, kh, kw) element offsets into x's dense storage
-    flat = x.as_strided((x.numel(),), (1,))
-    patches = flat[offsets] * inside
-    return patches.reshape(n, cg * kh * kw)
+    inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]  # (n, kh, kw)
+    pixel = (b[:, None, None] * H + rows.clamp(0, H - 1)[:, :, None]) * W + cols.clamp(0, W - 1)[:, None, :]
+    pixels = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # one row of C channels per pixel
+    patches = pixels[pixel.reshape(-1)].view(n, kh, kw, C) * inside[..., None]
+    cg = C // groups
+    if groups > 1:  # keep the sampled group's channels
+        patches = patches.view(n, kh, kw, groups, cg)[torch.arange(n, device=dev), :, :, g]
+    return patches.permute(0, 3, 1, 2).reshape(n, cg * kh * kw)
 
 
 def sample_rows(x: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

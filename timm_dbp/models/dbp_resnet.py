@@ -21,7 +21,7 @@ from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from timm_dbp.layers import DecorLinear, decor_layers, decorrelate
+from timm_dbp.layers import DecorLinear, decorrelate, fill_decor_matrices
 
 __all__ = ['DBPResNet']  # model_registry will add each entrypoint fn to this
 
@@ -57,12 +57,7 @@ class DBPResNet(ResNet):
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Load plain timm / torchvision ResNet weights (or folded DBP ones) into a DBP model: missing R -> I."""
-    state_dict = dict(state_dict.get('state_dict', state_dict))
-    for name, layer in decor_layers(model):
-        key = f'{name}.decor_matrix'
-        if key not in state_dict:
-            state_dict[key] = torch.eye(layer.decor_dim, dtype=layer.weight.dtype)
-    return state_dict
+    return fill_decor_matrices(state_dict.get('state_dict', state_dict), model)
 
 
 def _create_dbp_resnet(variant: str, pretrained: bool = False, **kwargs) -> DBPResNet:

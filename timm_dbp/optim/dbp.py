@@ -147,7 +147,7 @@ class DBPMixin:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         for layer, group in self.dbp_routes():
             inputs = layer.take_decor_inputs()
-            if inputs is None or (self.dbp_step - 1) % group['decor_interval'] != 0:
+            if inputs is None or group['decor_lr'] == 0 or (self.dbp_step - 1) % group['decor_interval'] != 0:
                 continue
             if distributed:
                 inputs = _all_gather_rows(inputs)
