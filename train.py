@@ -47,7 +47,9 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 import timm_dbp
 from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
 from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
-from timm_dbp.utils.checkpoint import CheckpointError, load_checkpoint_file, rng_state, save_atomic, set_rng_state
+from timm_dbp.utils.checkpoint import (
+    CheckpointError, copy_atomic, load_checkpoint_file, rng_state, save_atomic, set_rng_state,
+)
 
 _logger = logging.getLogger('train')
 
@@ -300,11 +302,18 @@ def _check_args(args) -> None:
         raise UserError(f'--epochs must be >= 1, got {args.epochs}')
     if args.val_interval < 1:
         raise UserError(f'--val-interval must be >= 1, got {args.val_interval}')
-    if args.model not in timm.list_models() and not args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
-        close = difflib.get_close_matches(args.model, timm.list_models(), n=3, cutoff=0.6)
-        dbp = ', '.join(timm.list_models('dbp_*'))
+    check_model_name(args.model)
+
+
+def check_model_name(name: str) -> None:
+    """A registered model, or an hf-hub: / local-dir: one; otherwise an error naming it with close matches."""
+    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        return
+    registered = timm.list_models()
+    if name not in registered:
+        close = difflib.get_close_matches(name, registered, n=3, cutoff=0.6)
         hint = f' Did you mean: {", ".join(close)}?' if close else ''
-        raise UserError(f'unknown model {args.model!r}.{hint} DBP models: {dbp}')
+        raise UserError(f'unknown model {name!r}.{hint} DBP models: {", ".join(timm.list_models("dbp_*"))}')
 
 
 def _optimizer_kwargs(args) -> dict:
@@ -693,22 +702,25 @@ def wrap_ddp(model: nn.Module, device: torch.device, broadcast_buffers: bool = T
 def _save_checkpoints(state: dict, output_dir: str, is_best: bool, hist: int) -> None:
     """last.pth.tar every epoch; model_best.pth.tar and the `hist` best checkpoint-<epoch>.pth.tar, all atomic.
 
-    The kept files and their metrics travel in the checkpoint (`kept_checkpoints`), so a resumed run keeps
-    pruning the same list.
+    The state is serialized once (last.pth.tar); the other files are atomic links to (or copies of) it. The kept
+    files and their metrics travel in the checkpoint (`kept_checkpoints`), so a resumed run keeps pruning the same
+    list.
     """
     metric = state['metric']
+    name = f'checkpoint-{state["epoch"]}.pth.tar'
+    dropped = []
     if metric is not None and hist > 0:
-        name = f'checkpoint-{state["epoch"]}.pth.tar'
         ranked = sorted(state['kept_checkpoints'] + [(metric, name)], key=lambda item: -item[0])
-        state['kept_checkpoints'] = ranked[:hist]
-        if (metric, name) in state['kept_checkpoints']:
-            save_atomic(state, os.path.join(output_dir, name))
-        for _, dropped in ranked[hist:]:
-            if dropped != name and os.path.exists(os.path.join(output_dir, dropped)):
-                os.remove(os.path.join(output_dir, dropped))
+        state['kept_checkpoints'], dropped = ranked[:hist], [n for _, n in ranked[hist:]]
+    last = os.path.join(output_dir, 'last.pth.tar')
+    save_atomic(state, last)
+    if (metric, name) in state['kept_checkpoints']:
+        copy_atomic(last, os.path.join(output_dir, name))
     if metric is not None and is_best:
-        save_atomic(state, os.path.join(output_dir, 'model_best.pth.tar'))
-    save_atomic(state, os.path.join(output_dir, 'last.pth.tar'))  # last: the resume point is always complete
+        copy_atomic(last, os.path.join(output_dir, 'model_best.pth.tar'))
+    for old in dropped:
+        if old != name and os.path.exists(os.path.join(output_dir, old)):
+            os.remove(os.path.join(output_dir, old))
 
 
 def train_one_epoch(
@@ -739,13 +751,10 @@ def train_one_epoch(
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
 
-        def forward():
-            with amp_autocast():
-                return loss_fn(model(input), target) / accum
-
         sync = need_update or not isinstance(model, DistributedDataParallel)
         with (nullcontext() if sync else model.no_sync()):
-            loss = forward()
+            with amp_autocast():
+                loss = loss_fn(model(input), target) / accum
             if loss_scaler is not None:
                 loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                             parameters=model.parameters(), need_update=need_update)

@@ -22,7 +22,7 @@ from timm.data import create_loader, resolve_data_config
 from timm.models import create_model
 
 import timm_dbp
-from train import UserError, _check_args, apply_dataset_defaults, build_dataset, load_weights, run_cli, validate
+from train import UserError, apply_dataset_defaults, check_model_name, build_dataset, load_weights, run_cli, validate
 
 _logger = logging.getLogger('validate')
 
@@ -61,8 +61,7 @@ def main(argv=None):
         utils.setup_default_logging()
     args = parser.parse_args(argv)
     args.data_dir = args.data_dir or args.data
-    args.epochs, args.grad_accum_steps, args.val_interval = 1, 1, 1  # for the shared checks
-    _check_args(args)
+    check_model_name(args.model)
     device = torch.device(args.device)
     apply_dataset_defaults(args)
     model_kwargs = {'in_chans': args.in_chans} if args.in_chans else {}

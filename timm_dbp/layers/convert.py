@@ -14,6 +14,7 @@ from torch import nn
 from timm.layers import Linear as TimmLinear
 
 from .decor_layers import DECOR_LAYERS, DecorConv2d, DecorLayer, DecorLinear
+from .decorrelation import fused_weight
 
 __all__ = ['decorrelate', 'fold', 'fold_state_dict', 'fill_decor_matrices', 'decor_layers']
 
@@ -120,9 +121,7 @@ def fold_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     folded = dict(state_dict)
     for key in [k for k in state_dict if k.endswith('.decor_matrix')]:
         prefix = key[:-len('decor_matrix')]
-        R = folded.pop(key)
-        W = folded[prefix + 'weight']
-        folded[prefix + 'weight'] = (W.reshape(W.shape[0], -1) @ R.to(W.dtype)).reshape(W.shape)
+        folded[prefix + 'weight'] = fused_weight(folded[prefix + 'weight'], folded.pop(key))
     return folded
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from timm.layers import register_notrace_module
 
-from .decorrelation import decorrelation_update_
+from .decorrelation import decorrelation_update_, fused_weight
 
 __all__ = ['DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'find_decor_layer', 'sample_conv_patches', 'sample_rows']
 
@@ -166,8 +166,7 @@ class DecorLayer:
 
     def decorrelated_weight(self) -> torch.Tensor:
         """A = W R with W viewed as (out, d); the kernel that one plain conv / linear applies."""
-        w = self.weight
-        return (w.reshape(w.shape[0], -1) @ self.decor_matrix.to(w.dtype)).reshape(w.shape)
+        return fused_weight(self.weight, self.decor_matrix)
 
     @torch.jit.ignore
     def _store_decor_inputs(self, x: torch.Tensor) -> None:
@@ -205,7 +204,6 @@ class DecorLayer:
         self.decor_loss.copy_(step.loss)
         self.decor_corr.copy_(step.correlation)
         return step.applied
-
 
 
 @register_notrace_module  # FX: a leaf, its sampling is data dependent

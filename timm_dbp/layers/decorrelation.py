@@ -27,7 +27,8 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
-    'DecorrelationStep', 'decorrelation_update_', 'decorrelation_loss', 'offdiag_correlation', 'LOG_STAT_ROWS']
+    'DecorrelationStep', 'decorrelation_update_', 'decorrelation_loss', 'offdiag_correlation', 'fused_weight',
+    'LOG_STAT_ROWS']
 
 LOG_STAT_ROWS = 256  # rows of a sample used for the logged loss / correlation (cost n^2 d, not n d^2)
 
@@ -45,6 +46,11 @@ class DecorrelationStep(NamedTuple):
     loss: torch.Tensor
     correlation: torch.Tensor
     rel_change: torch.Tensor
+
+
+def fused_weight(weight: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """A = W R with W viewed as (out, d): the weight one plain conv / linear applies to x instead of W to R x."""
+    return (weight.reshape(weight.shape[0], -1) @ R.to(weight.dtype)).reshape(weight.shape)
 
 
 def _offdiag_sq_mean(z: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,13 @@ epoch, best metric and the Python / NumPy / torch (CPU and CUDA) RNG states at t
 """
 import os
 import random
+import shutil
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
-__all__ = ['save_atomic', 'load_checkpoint_file', 'rng_state', 'set_rng_state', 'CheckpointError']
+__all__ = ['save_atomic', 'copy_atomic', 'load_checkpoint_file', 'rng_state', 'set_rng_state', 'CheckpointError']
 
 
 class CheckpointError(RuntimeError):
@@ -26,6 +27,18 @@ def save_atomic(obj: Any, path: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def copy_atomic(src: str, dst: str) -> None:
+    """Make `dst` hold what `src` holds, atomically: a hard link (no second write) or, where links fail, a copy."""
+    tmp = f'{dst}.tmp'
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
