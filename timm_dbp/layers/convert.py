@@ -6,6 +6,7 @@ costs exactly what the plain model costs and the state dict matches the plain ar
 Both walk the model recursively and return it, like `timm.layers.convert_sync_batchnorm`.
 """
 from fnmatch import fnmatch
+from functools import partial
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from timm.layers import Linear as TimmLinear
 
-from .decor_layers import DECOR_LAYERS, DecorConv2d, DecorLayer, DecorLinear
+from .decor_layers import DECOR_LAYERS, DECOR_STRUCTURES, DecorConv2d, DecorLayer, DecorLinear
 from .decorrelation import fused_weight
 
 __all__ = ['decorrelate', 'fold', 'fold_state_dict', 'fill_decor_matrices', 'decor_layers']
@@ -32,9 +33,12 @@ def _decor_dim(module: nn.Module) -> int:
     return module.weight[0].numel()
 
 
-def _to_dbp(module: nn.Module, name: str, exclude: Sequence[str], max_dim: Optional[int], conv: bool, linear: bool):
+def _to_dbp(
+        module: nn.Module, name: str, exclude: Sequence[str], max_dim: Optional[int], conv: bool, linear: bool,
+        structure: str,
+):
     if conv and type(module) is nn.Conv2d:
-        make = DecorConv2d.from_conv
+        make = partial(DecorConv2d.from_conv, decor_structure=structure)
     elif linear and type(module) in _CONVERTIBLE_LINEAR:
         make = DecorLinear.from_linear
     else:
@@ -52,6 +56,7 @@ def decorrelate(
         max_dim: Optional[int] = None,
         conv: bool = True,
         linear: bool = True,
+        structure: str = 'full',
 ) -> nn.Module:
     """Convert the Conv2d / Linear layers of `model` to DBP form in place (same function: R = I).
 
@@ -64,6 +69,8 @@ def decorrelate(
         max_dim: Leave layers whose input dimension d (C_in / groups * kh * kw, or in_features) exceeds it.
         conv: Convert Conv2d layers.
         linear: Convert Linear layers.
+        structure: R of the convs: 'full' (d x d on patches), 'channel' (c x c on pixels) or 'kron'
+            (c x c (x) s x s); see `timm_dbp.layers.decorrelation`. Linear layers always get a full R.
 
     Returns:
         The converted model.
@@ -71,13 +78,15 @@ def decorrelate(
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     if max_dim is not None and max_dim < 1:
         raise ValueError(f'max_dim must be >= 1 or None, got {max_dim}')
-    converted = _to_dbp(model, '', exclude, max_dim, conv, linear)
+    if structure not in DECOR_STRUCTURES:
+        raise ValueError(f'structure must be one of {DECOR_STRUCTURES}, got {structure!r}')
+    converted = _to_dbp(model, '', exclude, max_dim, conv, linear, structure)
     if converted is not None:
         return converted
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full_name = f'{name}.{child_name}' if name else child_name
-            converted = _to_dbp(child, full_name, exclude, max_dim, conv, linear)
+            converted = _to_dbp(child, full_name, exclude, max_dim, conv, linear, structure)
             if converted is not None:
                 setattr(module, child_name, converted)
     return model
@@ -117,20 +126,24 @@ def fold(model: nn.Module) -> nn.Module:
 
 def fold_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The state dict of the folded model, from a DBP state dict: every `<layer>.weight` becomes W R and every
-    `<layer>.decor_matrix` is dropped, so DBP checkpoints load into the plain architecture."""
+    `<layer>.decor_matrix` / `.decor_spatial` is dropped, so DBP checkpoints load into the plain architecture.
+    R's structure is read from the shapes (a c x c `decor_matrix` with c < d is a channel factor)."""
     folded = dict(state_dict)
     for key in [k for k in state_dict if k.endswith('.decor_matrix')]:
         prefix = key[:-len('decor_matrix')]
-        folded[prefix + 'weight'] = fused_weight(folded[prefix + 'weight'], folded.pop(key))
+        spatial = folded.pop(prefix + 'decor_spatial', None)
+        folded[prefix + 'weight'] = fused_weight(folded[prefix + 'weight'], folded.pop(key), spatial)
     return folded
 
 
 def fill_decor_matrices(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Complete a plain (or folded) state dict for DBP `model`: every missing `<layer>.decor_matrix` becomes I,
-    so plain timm / torchvision weights load into the DBP twin with an unchanged function."""
+    """Complete a plain (or folded) state dict for DBP `model`: every missing `<layer>.decor_matrix` (and kron
+    `.decor_spatial`) becomes I, so plain timm / torchvision weights load into the DBP twin unchanged."""
     state_dict = dict(state_dict)
     for name, layer in decor_layers(model):
-        key = f'{name}.decor_matrix'
-        if key not in state_dict:
-            state_dict[key] = torch.eye(layer.decor_dim, dtype=layer.weight.dtype)
+        for buffer_name in ('decor_matrix', 'decor_spatial'):
+            key = f'{name}.{buffer_name}'
+            buffer = getattr(layer, buffer_name)
+            if key not in state_dict and buffer.numel():
+                state_dict[key] = torch.eye(buffer.shape[0], dtype=layer.weight.dtype)
     return state_dict

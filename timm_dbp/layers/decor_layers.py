@@ -1,13 +1,17 @@
 """ Decorrelated Conv2d and Linear layers
 
 DecorConv2d / DecorLinear keep the original `weight` and `bias` (same names and shapes as nn.Conv2d /
-nn.Linear, so timm and torchvision checkpoints fit) and add one persistent buffer `decor_matrix`, the
-d x d decorrelation matrix R (conv: d = C_in / groups * kh * kw, linear: d = in_features), initialised
-to the identity, so a fresh layer computes exactly what the plain layer computes.
+nn.Linear, so timm and torchvision checkpoints fit) and add the decorrelation matrix R as persistent
+buffers, initialised to the identity, so a fresh layer computes exactly what the plain layer computes.
+R's structure (`decor_structure`, see `timm_dbp.layers.decorrelation`):
+    full     `decor_matrix` is d x d, d = C_in / groups * kh * kw (linear: d = in_features)
+    channel  `decor_matrix` is c x c, c = C_in / groups: R_c on every input pixel (linear: same as full)
+    kron     `decor_matrix` is c x c and `decor_spatial` s x s, s = kh * kw (a 1x1 conv: same as channel)
 
-Forward is fused: A = W R (W reshaped to C_out x d), then a single ordinary conv / linear with the
-layer's own stride, padding, dilation, groups and bias. The gradient for W flows through A with R
-fixed, which equals backprop on the decorrelated input z = R x.
+Forward: A = W R is fused into one ordinary conv / linear with the layer's own stride, padding, dilation,
+groups and bias. With a channel factor, R_c is applied to the input instead (a 1x1 conv) whenever the input
+has fewer elements than the kernel, which is cheaper (costs B H W C c against C_out c^2 s) and gives the
+same output. Either way the gradient for W equals backprop on the decorrelated input z = R x.
 
 R is never trained by autograd. A DBP optimizer arms a layer (`decor_samples > 0`) for the forward of
 a step that updates R; that forward then stores a random sample of its inputs (patches or rows, drawn
@@ -25,9 +29,13 @@ from torch import nn
 
 from timm.layers import register_notrace_module
 
-from .decorrelation import decorrelation_update_, fused_weight
+from .decorrelation import decorrelation_update_, fused_weight, kron_decorrelation_update_
 
-__all__ = ['DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'find_decor_layer', 'sample_conv_patches', 'sample_rows']
+__all__ = [
+    'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
+    'sample_conv_patches', 'sample_pixels', 'sample_rows']
+
+DECOR_STRUCTURES = ('full', 'channel', 'kron')
 
 
 def sample_conv_patches(
@@ -83,6 +91,27 @@ def sample_conv_patches(
     return patches.permute(0, 3, 1, 2).reshape(n, cg * kh * kw)
 
 
+def sample_pixels(
+        x: torch.Tensor,
+        groups: int,
+        num_samples: int,
+        generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Draw per-pixel channel vectors of one group from x (B, C, H, W), uniformly without replacement.
+
+    Returns:
+        Shape (min(num_samples, B * H * W * groups), C / groups): the inputs a channel factor R_c acts on.
+    """
+    B, C, H, W = x.shape
+    n = min(num_samples, B * H * W * groups)
+    idx = torch.randperm(B * H * W * groups, device=x.device, generator=generator)[:n]
+    pixel, g = idx // groups, idx % groups
+    rows = x.flatten(2)[pixel // (H * W), :, pixel % (H * W)]  # (n, C)
+    if groups > 1:
+        rows = rows.view(n, groups, C // groups)[torch.arange(n, device=x.device), g]
+    return rows
+
+
 def sample_rows(x: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Draw rows of x (..., d) uniformly without replacement: shape (min(num_samples, rows), d)."""
     rows = x.reshape(-1, x.shape[-1])
@@ -118,22 +147,35 @@ def find_decor_layer(param: torch.Tensor) -> Optional['DecorLayer']:
 
 
 class DecorLayer:
-    """State and update shared by DecorConv2d and DecorLinear (a mixin; R is `decor_matrix`).
+    """State and update shared by DecorConv2d and DecorLinear (a mixin).
 
-    Buffers: `decor_matrix` (persistent, R), and non-persistent `decor_updates`, `decor_skipped` (updates
+    Buffers: `decor_matrix` and, for a kron conv, `decor_spatial` (persistent, R's factors; an unused
+    `decor_spatial` is an empty non-persistent buffer), and non-persistent `decor_updates`, `decor_skipped` (updates
     applied / refused by a stability guard), `decor_loss` and `decor_corr` (decorrelation loss and RMS
     off-diagonal correlation of the last sample, before its update; NaN before the first update).
     """
-    __jit_unused_properties__ = ['decor_dim']
+    __jit_unused_properties__ = ['decor_dim', 'decor_state_bytes']
     decor_matrix: torch.Tensor
+    decor_spatial: torch.Tensor
+    decor_structure: str
     decor_samples: int
     decor_seed: int
     decor_inputs: Optional[torch.Tensor]
 
-    def _init_decor(self, device=None, dtype=None) -> None:
-        d = self.decor_dim
+    def _init_decor(self, structure: str = 'full', device=None, dtype=None) -> None:
+        if structure not in DECOR_STRUCTURES:
+            raise ValueError(f'decor_structure must be one of {DECOR_STRUCTURES}, got {structure!r}')
+        channels, positions = self._decor_factor_dims()
+        if structure == 'kron' and positions == 1:
+            structure = 'channel'  # no spatial part to decorrelate
+        if structure != 'full' and positions == 1:
+            structure = 'full'  # one position: the channel factor is the full R (linear, 1x1 conv)
+        self.decor_structure = structure
         dd = {'device': device, 'dtype': dtype}
+        d = channels * positions if structure == 'full' else channels
+        s = positions if structure == 'kron' else 0
         self.register_buffer('decor_matrix', torch.empty(d, d, **dd))
+        self.register_buffer('decor_spatial', torch.empty(s, s, **dd), persistent=s > 0)
         self.register_buffer('decor_updates', torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer('decor_skipped', torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer('decor_loss', torch.full((), float('nan'), device=device), persistent=False)
@@ -146,13 +188,25 @@ class DecorLayer:
 
     @property
     def decor_dim(self) -> int:
+        """Input dimension d that R decorrelates in full form (C_in / groups * kh * kw, or in_features)."""
         return self.weight[0].numel()
+
+    @property
+    def decor_state_bytes(self) -> int:
+        """Bytes held by R (all its factors)."""
+        return sum(t.numel() * t.element_size() for t in (self.decor_matrix, self.decor_spatial))
+
+    def _decor_factor_dims(self) -> Tuple[int, int]:
+        """(channels c, kernel positions s) of an input patch; (in_features, 1) for a linear layer."""
+        return self.weight.shape[1], self.weight[0, 0].numel()
 
     @torch.no_grad()
     def reset_decorrelation(self) -> None:
         """R <- I (the layer then computes exactly the plain layer), counters to zero."""
         if self.decor_matrix.device.type != 'meta':
             nn.init.eye_(self.decor_matrix)
+            if self.decor_spatial.numel():
+                nn.init.eye_(self.decor_spatial)
             self.decor_updates.zero_()
             self.decor_skipped.zero_()
             self.decor_loss.fill_(float('nan'))
@@ -164,9 +218,12 @@ class DecorLayer:
         super().__setstate__(state)
         _register_weight(self)
 
+    def _spatial_factor(self) -> Optional[torch.Tensor]:
+        return self.decor_spatial if self.decor_spatial.numel() > 0 else None
+
     def decorrelated_weight(self) -> torch.Tensor:
-        """A = W R with W viewed as (out, d); the kernel that one plain conv / linear applies."""
-        return fused_weight(self.weight, self.decor_matrix)
+        """A = W R (all factors); the kernel that one plain conv / linear applies to x."""
+        return fused_weight(self.weight, self.decor_matrix, self._spatial_factor())
 
     @torch.jit.ignore
     def _store_decor_inputs(self, x: torch.Tensor) -> None:
@@ -176,13 +233,16 @@ class DecorLayer:
             generator = torch.Generator(device=x.device)
             generator.manual_seed(self.decor_seed)
         with torch.no_grad():
-            if hasattr(self, 'kernel_size'):  # a conv (also seen through a TorchScript wrapper)
+            if self.decor_structure == 'channel':  # a conv whose R_c acts on pixel vectors
+                self.decor_inputs = sample_pixels(x.detach(), self.groups, self.decor_samples, generator)
+            elif hasattr(self, 'kernel_size'):  # a conv (also seen through a TorchScript wrapper)
                 self.decor_inputs = sample_conv_patches(x.detach(), self, self.decor_samples, generator)
             else:
                 self.decor_inputs = sample_rows(x.detach(), self.decor_samples, generator)
 
     def take_decor_inputs(self) -> Optional[torch.Tensor]:
-        """Return and clear the sample stored by the last armed training forward ((n, d) inputs x)."""
+        """Return and clear the sample stored by the last armed training forward: (n, d) inputs x, whose rows are
+        conv patches (full, kron), pixel channel vectors (channel) or linear inputs."""
         inputs, self.decor_inputs = self.decor_inputs, None
         return inputs
 
@@ -194,11 +254,17 @@ class DecorLayer:
             kappa: float,
             max_rel_change: float = 1.0,
     ) -> torch.Tensor:
-        """Apply one DBP step to R from sampled inputs x (n, d); returns whether it was applied (0-dim bool).
+        """Apply one DBP step to R from sampled inputs (see `take_decor_inputs`); returns whether it was applied.
 
-        See `timm_dbp.layers.decorrelation.decorrelation_update_` for the rule and its guards.
+        See `timm_dbp.layers.decorrelation` for the rule (`decorrelation_update_`, and
+        `kron_decorrelation_update_` for a kron R) and its guards.
         """
-        step = decorrelation_update_(self.decor_matrix, inputs, lr=lr, kappa=kappa, max_rel_change=max_rel_change)
+        spatial = self._spatial_factor()
+        if spatial is None:
+            step = decorrelation_update_(self.decor_matrix, inputs, lr=lr, kappa=kappa, max_rel_change=max_rel_change)
+        else:
+            step = kron_decorrelation_update_(
+                self.decor_matrix, spatial, inputs, lr=lr, kappa=kappa, max_rel_change=max_rel_change)
         self.decor_updates.add_(step.applied.long())
         self.decor_skipped.add_((~step.applied).long())
         self.decor_loss.copy_(step.loss)
@@ -210,37 +276,43 @@ class DecorLayer:
 class DecorConv2d(DecorLayer, nn.Conv2d):
     """nn.Conv2d with a decorrelation matrix on its receptive-field patches: y = conv(x, W R).
 
-    Built by `timm_dbp.decorrelate()`, usable directly with nn.Conv2d's arguments.
+    Built by `timm_dbp.decorrelate()`, usable directly with nn.Conv2d's arguments plus `decor_structure`
+    ('full', 'channel' or 'kron').
     """
 
-    def __init__(self, *args, device=None, dtype=None, **kwargs):
+    def __init__(self, *args, decor_structure: str = 'full', device=None, dtype=None, **kwargs):
         nn.Conv2d.__init__(self, *args, device=device, dtype=dtype, **kwargs)
-        self._init_decor(device=device, dtype=dtype)
+        self._init_decor(decor_structure, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.decor_samples > 0:
             self._store_decor_inputs(x)
+        if self.decor_structure != 'full' and x.numel() < self.weight.numel():
+            # R_c on the input (cheaper here), the spatial factor (if any) fused into W
+            channel_kernel = self.decor_matrix.repeat(self.groups, 1)[:, :, None, None].to(x.dtype)
+            x = F.conv2d(x, channel_kernel, groups=self.groups)
+            return self._conv_forward(x, fused_weight(self.weight, None, self._spatial_factor()), self.bias)
         return self._conv_forward(x, self.decorrelated_weight(), self.bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> 'DecorConv2d':
-        """DBP twin of `conv` that shares its weight and bias tensors; R = I."""
+    def from_conv(cls, conv: nn.Conv2d, decor_structure: str = 'full') -> 'DecorConv2d':
+        """DBP twin of `conv` that shares its weight and bias tensors; R = I with the given structure."""
         w = conv.weight
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
             dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device='meta', dtype=w.dtype,
         )
-        return _adopt(layer, conv)
+        return _adopt(layer, conv, decor_structure)
 
 
 @register_notrace_module
 class DecorLinear(DecorLayer, nn.Linear):
-    """nn.Linear with a decorrelation matrix on its inputs: y = x (W R)^T + b."""
+    """nn.Linear with a decorrelation matrix on its inputs: y = x (W R)^T + b (R is always full)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_decor(device=device, dtype=dtype)
+        self._init_decor('full', device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.decor_samples > 0:
@@ -257,13 +329,13 @@ class DecorLinear(DecorLayer, nn.Linear):
         return _adopt(layer, linear)
 
 
-def _adopt(layer: nn.Module, src: nn.Module) -> nn.Module:
+def _adopt(layer: nn.Module, src: nn.Module, structure: str = 'full') -> nn.Module:
     """Give a meta-built DBP `layer` the tensors of the plain `src` layer and a real R = I beside them."""
     layer.weight = src.weight
     layer.bias = src.bias
     layer.train(src.training)
     device, dtype = src.weight.device, src.weight.dtype
-    layer._init_decor(device=device, dtype=dtype)
+    layer._init_decor(structure, device=device, dtype=dtype)
     return layer
 
 

@@ -21,14 +21,21 @@ kappa = 0 decorrelates only, kappa = 1 normalises variances only, in between mov
 
 Cost: with n < d, X R is computed as (1/n) Z^T (Z R) in 3 n d^2 flops instead of forming X and paying
 d^3 for X R; with n >= d the direct form is cheaper. Both give the same R up to float rounding.
+
+Structured R for a conv, whose input patch is a (c x s) matrix P (c = channels per group, s = kh * kw):
+    full      R is (c s) x (c s): the paper's rule on flattened patches
+    channel   R = R_c (x) I_s: z = R_c P, the same R_c at every kernel position; R_c learns from pixel vectors
+    kron      R = R_c (x) R_s: z = R_c P R_s^T (Kronecker-factored channel x spatial); each factor takes the
+              rule above on the vectors it acts on: R_c on the columns of P R_s^T, R_s on the rows of R_c P
+A structured R costs c^2 (+ s^2) numbers instead of c^2 s^2, and its update c^3 instead of c^3 s^3.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 __all__ = [
-    'DecorrelationStep', 'decorrelation_update_', 'decorrelation_loss', 'offdiag_correlation', 'fused_weight',
-    'LOG_STAT_ROWS']
+    'DecorrelationStep', 'decorrelation_update_', 'kron_decorrelation_update_', 'decorrelation_loss',
+    'offdiag_correlation', 'fused_weight', 'LOG_STAT_ROWS']
 
 LOG_STAT_ROWS = 256  # rows of a sample used for the logged loss / correlation (cost n^2 d, not n d^2)
 
@@ -48,9 +55,27 @@ class DecorrelationStep(NamedTuple):
     rel_change: torch.Tensor
 
 
-def fused_weight(weight: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """A = W R with W viewed as (out, d): the weight one plain conv / linear applies to x instead of W to R x."""
-    return (weight.reshape(weight.shape[0], -1) @ R.to(weight.dtype)).reshape(weight.shape)
+def fused_weight(
+        weight: torch.Tensor,
+        R: Optional[torch.Tensor],
+        spatial: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A = W R: the weight one plain conv / linear applies to x instead of W to z = R x.
+
+    A full R (d x d, d = weight[0].numel()) multiplies W viewed as (out, d). A channel factor R_c (c x c,
+    c < d) and / or a spatial factor R_s (s x s) act on W viewed as (out, c, s): A_o = R_c^T W_o R_s, the
+    same as W (R_c (x) R_s). R = None skips the channel factor (it is then applied to the input instead).
+    """
+    out, d = weight.shape[0], weight[0].numel()
+    if R is not None and R.shape[0] == d:
+        A = weight.reshape(out, d) @ R.to(weight.dtype)
+    else:
+        A = weight.reshape(out, weight.shape[1], -1)
+        if R is not None:
+            A = R.to(weight.dtype).T @ A
+        if spatial is not None:
+            A = A @ spatial.to(weight.dtype)
+    return A.reshape(weight.shape)
 
 
 def _offdiag_sq_mean(z: torch.Tensor) -> torch.Tensor:
@@ -130,3 +155,45 @@ def decorrelation_update_(
 
     z_log = z[:LOG_STAT_ROWS]
     return DecorrelationStep(applied, decorrelation_loss(z_log, kappa), offdiag_correlation(z_log), rel_change)
+
+
+@torch.no_grad()
+def kron_decorrelation_update_(
+        R_channel: torch.Tensor,
+        R_spatial: torch.Tensor,
+        patches: torch.Tensor,
+        *,
+        lr: float,
+        kappa: float,
+        max_rel_change: float = 1.0,
+) -> DecorrelationStep:
+    """One DBP step on both factors of R = R_c (x) R_s in place, from the same current z = R_c P R_s^T.
+
+    R_c learns from the columns of P R_s^T (one kernel position per patch, position k mod s for patch k, so n
+    vectors), R_s from the rows of R_c P (n c vectors); each by `decorrelation_update_` with its own guard (a
+    refused factor keeps its value). `applied` is True when both factors were updated; `loss` is the sum of the
+    two factor losses; `correlation` the RMS over both factors' off-diagonal entries; `rel_change` the larger.
+
+    Args:
+        R_channel: Channel factor, shape (c, c); updated in place.
+        R_spatial: Spatial factor, shape (s, s); updated in place.
+        patches: Sampled conv patches P (not yet decorrelated), shape (n, c * s) or (n, c, s).
+        lr, kappa, max_rel_change: As for `decorrelation_update_`.
+    """
+    c, s = R_channel.shape[0], R_spatial.shape[0]
+    P = patches.float().reshape(-1, c, s)
+    index = torch.arange(P.shape[0], device=P.device)
+    channel_vectors = (P @ R_spatial.float().T)[index, :, index % s]
+    spatial_vectors = (R_channel.float() @ P).reshape(-1, s)
+    steps = (
+        decorrelation_update_(R_channel, channel_vectors, lr=lr, kappa=kappa, max_rel_change=max_rel_change),
+        decorrelation_update_(R_spatial, spatial_vectors, lr=lr, kappa=kappa, max_rel_change=max_rel_change),
+    )
+    pairs = torch.tensor([c * (c - 1), s * (s - 1)], dtype=torch.float32, device=P.device)
+    correlation = ((torch.stack([st.correlation for st in steps]).square() * pairs).sum() / pairs.sum()).sqrt()
+    return DecorrelationStep(
+        steps[0].applied & steps[1].applied,
+        steps[0].loss + steps[1].loss,
+        correlation,
+        torch.maximum(steps[0].rel_change, steps[1].rel_change),
+    )

@@ -33,6 +33,7 @@ class DBPResNet(ResNet):
         dbp_exclude: fnmatch patterns of module names to keep plain (e.g. ['conv1']).
         dbp_max_dim: keep layers with input dimension d above this plain (bounds R's memory and cost).
         dbp_linear: decorrelate the classifier too.
+        dbp_structure: R of the convs, 'full', 'channel' or 'kron' (see `timm_dbp.decorrelate`).
     """
 
     def __init__(
@@ -41,10 +42,12 @@ class DBPResNet(ResNet):
             dbp_exclude: Sequence[str] = (),
             dbp_max_dim: Optional[int] = None,
             dbp_linear: bool = True,
+            dbp_structure: str = 'full',
             **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.dbp_args = dict(exclude=tuple(dbp_exclude), max_dim=dbp_max_dim, linear=dbp_linear)
+        self.dbp_args = dict(
+            exclude=tuple(dbp_exclude), max_dim=dbp_max_dim, linear=dbp_linear, structure=dbp_structure)
         decorrelate(self, **self.dbp_args)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:

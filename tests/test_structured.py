@@ -1,0 +1,221 @@
+""" Tests of structured R (channel, kron): maths against the full-R form, sampling, memory, models """
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm_dbp
+from timm_dbp.layers import (
+    DecorConv2d, decor_layers, decorrelation_update_, fold, fold_state_dict, fused_weight,
+    kron_decorrelation_update_, offdiag_correlation, sample_conv_patches, sample_pixels,
+)
+
+CONV_CONFIGS = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, bias=False),
+    dict(kernel_size=(3, 5), padding=(0, 2), dilation=(1, 2)),
+    dict(kernel_size=3, padding=1, groups=2),
+    dict(kernel_size=3, padding=2, padding_mode='reflect'),
+]
+
+
+def _full_R(layer: DecorConv2d) -> torch.Tensor:
+    """R as one d x d matrix: R_c (x) R_s, R_c (x) I or R itself."""
+    c, s = layer.weight.shape[1], layer.weight[0, 0].numel()
+    if layer.decor_structure == 'full':
+        return layer.decor_matrix
+    spatial = layer.decor_spatial if layer.decor_structure == 'kron' else torch.eye(s, dtype=layer.decor_matrix.dtype)
+    return torch.kron(layer.decor_matrix, spatial)
+
+
+def _perturbed(layer: DecorConv2d, scale: float = 0.1) -> DecorConv2d:
+    with torch.no_grad():
+        for buffer in (layer.decor_matrix, layer.decor_spatial):
+            buffer.add_(scale * torch.randn_like(buffer))
+    return layer
+
+
+@pytest.mark.parametrize('structure', ['channel', 'kron'])
+@pytest.mark.parametrize('cfg', CONV_CONFIGS, ids=str)
+def test_structured_forward_is_conv_with_kron_R(structure, cfg):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(4, 6, **cfg).double()
+    layer = _perturbed(DecorConv2d.from_conv(plain, decor_structure=structure))
+    A = (plain.weight.reshape(6, -1) @ _full_R(layer)).reshape(plain.weight.shape)
+    mode = 'constant' if plain.padding_mode == 'zeros' else plain.padding_mode
+    for shape in [(1, 4, 5, 6), (3, 4, 16, 16)]:  # input smaller / larger than the kernel: both code paths
+        x = torch.randn(*shape, dtype=torch.double, requires_grad=True)
+        expected = F.conv2d(F.pad(x, plain._reversed_padding_repeated_twice, mode=mode), A, plain.bias,
+                            stride=plain.stride, dilation=plain.dilation, groups=plain.groups)
+        torch.testing.assert_close(layer(x), expected)
+        # gradient of W is BP on z = R x, identical on both paths
+        g = torch.randn_like(expected)
+        grad_w, = torch.autograd.grad(layer(x), layer.weight, g)
+        A_var = A.detach().requires_grad_()
+        out = F.conv2d(F.pad(x.detach(), plain._reversed_padding_repeated_twice, mode=mode), A_var, plain.bias,
+                       stride=plain.stride, dilation=plain.dilation, groups=plain.groups)
+        dA, = torch.autograd.grad(out, A_var, g)
+        expected_grad_w = (dA.reshape(6, -1) @ _full_R(layer).T).reshape(plain.weight.shape)
+        torch.testing.assert_close(grad_w, expected_grad_w)
+
+
+def test_structure_shapes_and_state_bytes():
+    conv = nn.Conv2d(8, 16, 3, groups=2)
+    full = DecorConv2d.from_conv(conv, decor_structure='full')
+    channel = DecorConv2d.from_conv(conv, decor_structure='channel')
+    kron = DecorConv2d.from_conv(conv, decor_structure='kron')
+    assert full.decor_matrix.shape == (36, 36) and full.decor_state_bytes == 36 * 36 * 4
+    assert channel.decor_matrix.shape == (4, 4) and channel.decor_state_bytes == 16 * 4
+    assert kron.decor_spatial.shape == (9, 9) and kron.decor_state_bytes == (16 + 81) * 4
+    assert 'decor_spatial' in kron.state_dict() and 'decor_spatial' not in channel.state_dict()
+    one_by_one = DecorConv2d.from_conv(nn.Conv2d(8, 4, 1), decor_structure='kron')
+    assert one_by_one.decor_structure == 'full' and one_by_one.decor_matrix.shape == (8, 8)
+    with pytest.raises(ValueError, match='decor_structure'):
+        DecorConv2d(3, 3, 3, decor_structure='diagonal')
+    with pytest.raises(ValueError, match='structure'):
+        timm_dbp.decorrelate(nn.Sequential(nn.Conv2d(3, 3, 3)), structure='lowrank')
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_sampled_pixels_are_input_pixels(groups):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 4)
+    everything = sample_pixels(x, groups, num_samples=10 ** 6)
+    ref = x.permute(0, 2, 3, 1).reshape(-1, groups, 6 // groups).reshape(-1, 6 // groups)
+    assert everything.shape == ref.shape
+    key = lambda t: t[torch.argsort(t @ torch.linspace(1, 2, t.shape[1]))]
+    torch.testing.assert_close(key(everything), key(ref))
+    channels_last = sample_pixels(x.to(memory_format=torch.channels_last), groups, num_samples=10 ** 6)
+    torch.testing.assert_close(key(channels_last), key(ref))
+    some = sample_pixels(x, groups, num_samples=7)
+    assert some.shape == (7, 6 // groups) and torch.unique(some, dim=0).shape[0] == 7
+
+
+def test_channel_update_is_the_rule_on_pixel_vectors():
+    torch.manual_seed(0)
+    layer = _perturbed(DecorConv2d.from_conv(nn.Conv2d(5, 4, 3, padding=1), decor_structure='channel').double())
+    layer.decor_samples = 10 ** 6
+    x = torch.randn(2, 5, 6, 6, dtype=torch.double)
+    layer(x)
+    inputs = layer.take_decor_inputs()
+    assert inputs.shape == (72, 5)
+    expected = layer.decor_matrix.clone()
+    decorrelation_update_(expected, inputs, lr=0.1, kappa=0.3)
+    layer.update_decorrelation(inputs, lr=0.1, kappa=0.3)
+    torch.testing.assert_close(layer.decor_matrix, expected)
+
+
+def test_kron_update_factor_inputs_written_out():
+    """R_c learns from columns of P R_s^T (position k mod s of patch k), R_s from all rows of R_c P."""
+    torch.manual_seed(0)
+    c, s, n = 3, 4, 6
+    Rc, Rs = torch.eye(c, dtype=torch.double) + 0.1 * torch.randn(c, c, dtype=torch.double), \
+        torch.eye(s, dtype=torch.double) + 0.1 * torch.randn(s, s, dtype=torch.double)
+    P = torch.randn(n, c, s, dtype=torch.double)
+    channel_vectors = torch.stack([(P[k] @ Rs.T)[:, k % s] for k in range(n)])
+    spatial_vectors = torch.cat([Rc @ P[k] for k in range(n)])
+    exp_c, exp_s = Rc.clone(), Rs.clone()
+    decorrelation_update_(exp_c, channel_vectors, lr=0.05, kappa=0.5)
+    decorrelation_update_(exp_s, spatial_vectors, lr=0.05, kappa=0.5)
+    step = kron_decorrelation_update_(Rc, Rs, P.reshape(n, c * s), lr=0.05, kappa=0.5)
+    assert bool(step.applied)
+    torch.testing.assert_close(Rc, exp_c)
+    torch.testing.assert_close(Rs, exp_s)
+
+
+def test_kron_guard_refuses_and_reports():
+    Rc, Rs = torch.eye(3), torch.eye(4)
+    P = torch.randn(8, 12)
+    P[0, 0] = float('nan')
+    step = kron_decorrelation_update_(Rc, Rs, P, lr=0.1, kappa=0.0)
+    assert not bool(step.applied)
+    assert torch.equal(Rc, torch.eye(3)) and torch.equal(Rs, torch.eye(4))
+
+
+def _correlated_images(n: int = 64, c: int = 6, size: int = 12) -> torch.Tensor:
+    """Images whose channels mix one another and whose pixels are smooth (spatially correlated)."""
+    torch.manual_seed(1)
+    base = F.avg_pool2d(torch.randn(n, c, size + 2, size + 2), 3, stride=1)
+    mix = torch.eye(c) + 0.8 * torch.ones(c, c) / c
+    return torch.einsum('ij,njhw->nihw', mix, base) * 3
+
+
+@pytest.mark.parametrize('structure', ['channel', 'kron'])
+def test_structured_updates_decorrelate_patches(structure):
+    torch.manual_seed(0)
+    layer = DecorConv2d.from_conv(nn.Conv2d(6, 4, 3, padding=1), decor_structure=structure)
+    x = _correlated_images()
+    plain_patches = sample_conv_patches(x, layer, 2048, torch.Generator().manual_seed(0))
+
+    def patch_correlation():
+        return offdiag_correlation(plain_patches @ _full_R(layer).T).item()
+
+    def channel_correlation():
+        return offdiag_correlation(sample_pixels(x, 1, 2048, torch.Generator().manual_seed(0)) @ layer.decor_matrix.T).item()
+
+    before, before_c = patch_correlation(), channel_correlation()
+    for _ in range(300):
+        layer.decor_samples = 512
+        layer(x)
+        layer.update_decorrelation(layer.take_decor_inputs(), lr=0.05, kappa=0.0)
+    assert int(layer.decor_skipped) == 0 and int(layer.decor_updates) == 300
+    assert channel_correlation() < 0.3 * before_c  # channels decorrelated
+    if structure == 'kron':  # and neighbouring pixels too: the whole patch decorrelates
+        assert patch_correlation() < 0.5 * before
+    assert torch.isfinite(layer.decor_loss) and torch.isfinite(layer.decor_corr)
+
+
+@pytest.mark.parametrize('structure', ['channel', 'kron'])
+def test_structured_model_trains_folds_and_loads(structure, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model('dbp_test_resnet', num_classes=3, dbp_structure=structure)
+    opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, decor_lr=1e-2)
+    for _ in range(3):
+        F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.randint(0, 3, (4,))).backward()
+        opt.step()
+        opt.zero_grad()
+    convs = [layer for _, layer in decor_layers(model) if isinstance(layer, DecorConv2d)]
+    assert any(layer.decor_structure == structure for layer in convs)
+    assert all(layer.decor_updates.item() == 3 for _, layer in decor_layers(model))
+    assert any(not torch.equal(layer.decor_matrix, torch.eye(len(layer.decor_matrix))) for layer in convs)
+    model.eval()
+    x = torch.randn(2, 3, 40, 40)
+    expected = model(x)
+    # checkpoint round trip keeps every factor
+    path = tmp_path / 'dbp.pth'
+    torch.save(model.state_dict(), path)
+    loaded = timm.create_model('dbp_test_resnet', num_classes=3, dbp_structure=structure).eval()
+    timm.models.load_checkpoint(loaded, str(path))
+    torch.testing.assert_close(loaded(x), expected)
+    # folding, in the model and in the state dict, gives timm's plain twin
+    plain = timm.create_model('test_resnet', num_classes=3).eval()
+    plain.load_state_dict(fold_state_dict(model.state_dict()))
+    torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fold(copy.deepcopy(model))(x), expected, rtol=1e-4, atol=1e-5)
+    # timm BP weights start a structured twin at R = I
+    plain_path = tmp_path / 'plain.pth'
+    torch.save(plain.state_dict(), plain_path)
+    started = timm.create_model('dbp_test_resnet', pretrained=True, num_classes=3, dbp_structure=structure,
+                                pretrained_cfg_overlay=dict(file=str(plain_path), num_classes=3)).eval()
+    torch.testing.assert_close(started(x), plain(x), rtol=0, atol=0)
+
+
+def test_resnet18_state_bytes_by_structure():
+    def state_mib(**kwargs):
+        model = timm.create_model('dbp_resnet18', device='meta', **kwargs)
+        return sum(layer.decor_state_bytes for _, layer in decor_layers(model)) / 2 ** 20
+    assert 340 < state_mib() < 360  # full patch R: about 352 MiB
+    assert state_mib(dbp_structure='channel') < 35
+    assert state_mib(dbp_structure='kron') < 35
+
+
+def test_fused_weight_factor_order():
+    torch.manual_seed(0)
+    W = torch.randn(2, 3, 4, dtype=torch.double)
+    Rc, Rs = torch.randn(3, 3, dtype=torch.double), torch.randn(4, 4, dtype=torch.double)
+    expected = (W.reshape(2, 12) @ torch.kron(Rc, Rs)).reshape(2, 3, 4)
+    torch.testing.assert_close(fused_weight(W, Rc, Rs), expected)
+    torch.testing.assert_close(fused_weight(W, None, Rs), W @ Rs)
