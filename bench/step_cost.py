@@ -7,9 +7,11 @@ For each (model, image size, batch) config, times one training step (forward, ba
     dbp       the DBP twin with dbpsgd, default settings: fusion + sampling + R update
 Variants run interleaved (bp fusion sample dbp bp fusion ...), --repeats rounds after one warm-up round; medians.
 Overheads are differences of medians: fusion - bp, sample - fusion, dbp - sample. Timer: time.perf_counter with
-torch.cuda.synchronize() on CUDA. Writes JSON (with this script's source) and a PNG bar chart.
+torch.cuda.synchronize() on CUDA. Each timed sample is one block of decor_interval steps (so an R update every k
+steps is included once per block), reported per step. Writes JSON (with this script's source) and a PNG bar chart.
 
     python bench/step_cost.py --out docs/bench_step_cost   # CPU: resnet18 64px b64, resnet18 224px b32, resnet50 64px b64
+    python bench/step_cost.py --dbp dbp_structure=channel decor_interval=4   # other DBP settings
 """
 import argparse
 import json
@@ -31,27 +33,45 @@ parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else
 parser.add_argument('--channels-last', action='store_true')
 parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
 parser.add_argument('--out', default=None, help='output prefix: writes <out>.json and <out>.png')
+parser.add_argument('--dbp', nargs='*', default={}, action=timm.utils.ParseKwargs,
+                    help='DBP settings: dbp_* keys go to the model (e.g. dbp_structure=channel), the rest to the '
+                         'optimizer (e.g. decor_interval=4 decor_samples=512)')
 
 VARIANTS = ('bp', 'fusion', 'sample', 'dbp')
 
 
-def build(variant, model_name, device, channels_last):
+def split_dbp_settings(settings):
+    """(model kwargs, optimizer kwargs) from --dbp key=value pairs."""
+    model_kwargs = {k: v for k, v in settings.items() if k.startswith('dbp_')}
+    return model_kwargs, {k: v for k, v in settings.items() if k not in model_kwargs}
+
+
+def build(variant, model_name, device, channels_last, settings):
     torch.manual_seed(0)
-    name = model_name if variant == 'bp' else f'dbp_{model_name}'
-    model = timm.create_model(name, num_classes=100).to(device)
+    model_kwargs, opt_kwargs = split_dbp_settings(settings)
+    if variant == 'bp':
+        model = timm.create_model(model_name, num_classes=100)
+        opt_name, opt_kwargs = 'sgd', {}
+    else:
+        model = timm.create_model(f'dbp_{model_name}', num_classes=100, **model_kwargs)
+        opt_name = 'dbpsgd'
+        if variant != 'dbp':
+            opt_kwargs = dict(opt_kwargs, decor_lr=0.0)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt_name, kwargs = ('sgd', {}) if variant == 'bp' else ('dbpsgd', {} if variant == 'dbp' else {'decor_lr': 0.0})
-    opt = timm.optim.create_optimizer_v2(model, opt=opt_name, lr=0.01, momentum=0.9, **kwargs)
+    opt = timm.optim.create_optimizer_v2(model, opt=opt_name, lr=0.01, momentum=0.9, **opt_kwargs)
     return model, opt
 
 
-def step_fn(variant, model, opt, x, y, amp):
+def step_fn(variant, model, opt, x, y, amp, settings):
     layers = [layer for _, layer in decor_layers(model)]
-    samples = timm_dbp.DBP_DEFAULTS['decor_samples']
+    samples = settings.get('decor_samples', timm_dbp.DBP_DEFAULTS['decor_samples'])
+    block = settings.get('decor_interval', timm_dbp.DBP_DEFAULTS['decor_interval'])
 
-    def step():
-        if variant == 'sample':
+    def one_step(index):
+        arm = variant == 'sample' and index == 0  # sample as often as the R update would
+        if arm:
             for layer in layers:
                 layer.decor_samples = samples
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -59,10 +79,14 @@ def step_fn(variant, model, opt, x, y, amp):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if variant == 'sample':
+        if arm:
             for layer in layers:
                 layer.take_decor_inputs()
-    return step
+
+    def steps():
+        for index in range(block):
+            one_step(index)
+    return steps, block
 
 
 def timed(fn, device):
@@ -86,19 +110,22 @@ def main():
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 100, (batch,), device=device)
-        steps = {}
+        steps, state_mib = {}, 0.0
         for variant in VARIANTS:
-            model, opt = build(variant, model_name, device, args.channels_last)
-            steps[variant] = step_fn(variant, model, opt, x, y, args.amp)
+            model, opt = build(variant, model_name, device, args.channels_last, args.dbp)
+            steps[variant], block = step_fn(variant, model, opt, x, y, args.amp, args.dbp)
+            if variant == 'dbp':
+                state_mib = sum(layer.decor_state_bytes for _, layer in decor_layers(model)) / 2 ** 20
         times = {v: [] for v in VARIANTS}
         for round_idx in range(args.repeats + 1):
             for variant in VARIANTS:
-                t = timed(steps[variant], device)
+                t = timed(steps[variant], device) / block
                 if round_idx > 0:  # round 0 is warm-up
                     times[variant].append(t)
         med = {v: statistics.median(times[v]) for v in VARIANTS}
         row = dict(
-            config=config, model=model_name, img_size=img, batch_size=batch, median_s=med, raw_s=times,
+            config=config, model=model_name, img_size=img, batch_size=batch, dbp_settings=args.dbp,
+            decor_state_mib=state_mib, median_s=med, raw_s=times,
             ratio_dbp_bp=med['dbp'] / med['bp'],
             overhead_s=dict(fusion=med['fusion'] - med['bp'], sample=med['sample'] - med['fusion'],
                             update=med['dbp'] - med['sample']),
@@ -106,10 +133,11 @@ def main():
         results.append(row)
         o = row['overhead_s']
         print(f'{config:>18}: bp {med["bp"]:.3f}s  dbp {med["dbp"]:.3f}s  ratio {row["ratio_dbp_bp"]:.2f}  '
-              f'overhead: fusion {o["fusion"]:+.3f}s  sample {o["sample"]:+.3f}s  update {o["update"]:+.3f}s',
+              f'overhead: fusion {o["fusion"]:+.3f}s  sample {o["sample"]:+.3f}s  update {o["update"]:+.3f}s  '
+              f'R {state_mib:.1f} MiB',
               flush=True)
     meta = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
-                amp=args.amp, channels_last=args.channels_last, repeats=args.repeats,
+                amp=args.amp, channels_last=args.channels_last, repeats=args.repeats, dbp_settings=args.dbp,
                 dbp_defaults=timm_dbp.DBP_DEFAULTS)
     if device.type == 'cuda':
         meta['gpu'] = torch.cuda.get_device_name()
@@ -133,7 +161,8 @@ def plot(results, path, meta):
         ax.bar(names, values, bottom=bottoms, label=f'DBP {part}')
         bottoms = [b + v for b, v in zip(bottoms, values)]
     ax.set_ylabel('seconds per training step (median)')
-    ax.set_title(f'DBP vs BP step cost ({meta["device"]}, {meta["threads"]} threads)')
+    ax.set_title(f'DBP vs BP step cost ({meta["device"]}, {meta["threads"]} threads)\n{meta["dbp_settings"] or "defaults"}',
+                 fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -33,6 +33,17 @@ parser.add_argument('train_args', nargs='*', help='extra train.py flags for both
 RUNS = (('BP', 'test_resnet', 'sgd'), ('DBP', 'dbp_test_resnet', 'dbpsgd'))
 
 
+def recipe_args(epochs, batch_size, train_num_samples, lr, output, seed=0, workers=1):
+    """train.py flags of the Fashion-MNIST recipe shared by this example and bench/time_to_accuracy.py."""
+    return [
+        '--dataset', 'fashion_mnist', '--img-size', '32', '--epochs', str(epochs), '-b', str(batch_size),
+        '--train-num-samples', str(train_num_samples), '--lr', str(lr), '--weight-decay', '5e-4',
+        '--sched', 'cosine', '--warmup-epochs', '0', '--smoothing', '0.1', '--scale', '0.35', '1',
+        '--color-jitter', '0', '--seed', str(seed), '-j', str(workers), '--log-interval', '50',
+        '--checkpoint-hist', '1', '--output', output,
+    ]
+
+
 def read_curve(summary_csv):
     """[(cumulative train seconds, eval top-1)] per epoch from train.py's summary.csv."""
     with open(summary_csv) as f:
@@ -62,13 +73,8 @@ def plot(curves, path):
 def main():
     args = parser.parse_args()
     stamp = datetime.now().strftime('%Y%m%d-%H%M%S')
-    common = [
-        '--dataset', 'fashion_mnist', '--img-size', '32', '--epochs', str(args.epochs), '-b', str(args.batch_size),
-        '--train-num-samples', str(args.train_num_samples), '--lr', str(args.lr), '--weight-decay', '5e-4',
-        '--sched', 'cosine', '--warmup-epochs', '0', '--smoothing', '0.1', '--scale', '0.35', '1',
-        '--color-jitter', '0', '--seed', '0', '-j', str(args.workers), '--log-interval', '50',
-        '--checkpoint-hist', '1', '--output', args.output,
-    ]
+    common = recipe_args(args.epochs, args.batch_size, args.train_num_samples, args.lr, args.output,
+                         workers=args.workers)
     curves = {}
     for name, model, opt in RUNS:
         experiment = f'{stamp}-{name.lower()}'

@@ -109,14 +109,14 @@ def test_channel_update_is_the_rule_on_pixel_vectors():
 
 
 def test_kron_update_factor_inputs_written_out():
-    """R_c learns from columns of P R_s^T (position k mod s of patch k), R_s from all rows of R_c P."""
+    """R_c learns from column k mod s of P_k R_s^T, R_s from row k mod c of R_c P_k (one vector per patch each)."""
     torch.manual_seed(0)
     c, s, n = 3, 4, 6
     Rc, Rs = torch.eye(c, dtype=torch.double) + 0.1 * torch.randn(c, c, dtype=torch.double), \
         torch.eye(s, dtype=torch.double) + 0.1 * torch.randn(s, s, dtype=torch.double)
     P = torch.randn(n, c, s, dtype=torch.double)
     channel_vectors = torch.stack([(P[k] @ Rs.T)[:, k % s] for k in range(n)])
-    spatial_vectors = torch.cat([Rc @ P[k] for k in range(n)])
+    spatial_vectors = torch.stack([(Rc @ P[k])[k % c, :] for k in range(n)])
     exp_c, exp_s = Rc.clone(), Rs.clone()
     decorrelation_update_(exp_c, channel_vectors, lr=0.05, kappa=0.5)
     decorrelation_update_(exp_s, spatial_vectors, lr=0.05, kappa=0.5)

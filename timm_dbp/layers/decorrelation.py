@@ -169,10 +169,11 @@ def kron_decorrelation_update_(
 ) -> DecorrelationStep:
     """One DBP step on both factors of R = R_c (x) R_s in place, from the same current z = R_c P R_s^T.
 
-    R_c learns from the columns of P R_s^T (one kernel position per patch, position k mod s for patch k, so n
-    vectors), R_s from the rows of R_c P (n c vectors); each by `decorrelation_update_` with its own guard (a
-    refused factor keeps its value). `applied` is True when both factors were updated; `loss` is the sum of the
-    two factor losses; `correlation` the RMS over both factors' off-diagonal entries; `rel_change` the larger.
+    Each factor learns from one vector per sampled patch P_k (c x s), so its update costs n c^2 (n s^2), not n s c^2:
+    R_c from column (k mod s) of P_k R_s^T, R_s from row (k mod c) of R_c P_k; each by `decorrelation_update_`
+    with its own guard (a refused factor keeps its value). `applied` is True when both factors were updated;
+    `loss` is the sum of the two factor losses; `correlation` the RMS over both factors' off-diagonal entries;
+    `rel_change` the larger.
 
     Args:
         R_channel: Channel factor, shape (c, c); updated in place.
@@ -183,8 +184,8 @@ def kron_decorrelation_update_(
     c, s = R_channel.shape[0], R_spatial.shape[0]
     P = patches.float().reshape(-1, c, s)
     index = torch.arange(P.shape[0], device=P.device)
-    channel_vectors = (P @ R_spatial.float().T)[index, :, index % s]
-    spatial_vectors = (R_channel.float() @ P).reshape(-1, s)
+    channel_vectors = torch.einsum('ncs,ns->nc', P, R_spatial.float()[index % s])  # (P_k R_s^T)[:, k mod s]
+    spatial_vectors = torch.einsum('nc,ncs->ns', R_channel.float()[index % c], P)  # (R_c P_k)[k mod c, :]
     steps = (
         decorrelation_update_(R_channel, channel_vectors, lr=lr, kappa=kappa, max_rel_change=max_rel_change),
         decorrelation_update_(R_spatial, spatial_vectors, lr=lr, kappa=kappa, max_rel_change=max_rel_change),

@@ -1,0 +1,175 @@
+""" Time to accuracy on Fashion-MNIST: BP with timm's optimizers vs DBP, several seeds, equal learning-rate sweeps
+
+Every method trains the same architecture (timm's `test_resnet`, or its DBP twin) with the same train.py recipe
+(examples/fashion_mnist_bp_vs_dbp.py: 32 px, cosine schedule, label smoothing, random-resized-crop), differing only
+in optimizer (and, for DBP, the model's R). Equal tuning budget: every method gets the same sweep of learning-rate
+multipliers around its usual base LR, on the sweep seed; its best LR (final top-1) then runs on the other seeds.
+Runs are interleaved (method A B C ... for each LR / seed), so slow drifts of the machine hit every method alike.
+
+Target: BP-SGD's final top-1 (median over seeds). Per method: final and best top-1, and the training wall-clock
+(train.py's `train_time`, evaluation excluded) to first reach the target, divided by BP-SGD's total training time
+(epoch granularity: the first evaluated epoch at or above the target). Runs are resumable: a finished run
+(summary.csv with every epoch) is read, not re-run. Writes <out>.json (raw rows, every run) and <out>.png.
+
+    python bench/time_to_accuracy.py --out docs/bench_tta   # defaults below; ~1 h on 2 CPU cores
+    python bench/time_to_accuracy.py --methods bp_sgd dbp_sgd --lr-mults 1 --seeds 0 --epochs 1 \\
+        --train-num-samples 512 --out /tmp/tta_smoke   # seconds-long smoke run
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from datetime import datetime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'examples'))
+from fashion_mnist_bp_vs_dbp import read_curve, recipe_args, time_to_reach  # noqa: E402
+
+# name: (model prefix, --opt, base lr, extra train.py flags). BP methods train timm's model, DBP ones its twin.
+ADAPTIVE_WD = ['--weight-decay', '0.05']
+METHODS = {
+    'bp_sgd': ('', 'sgd', 0.05, []),
+    'bp_adamw': ('', 'adamw', 2e-3, ADAPTIVE_WD),
+    'bp_muon': ('', 'muon', 0.01, ADAPTIVE_WD),
+    'bp_kron': ('', 'kron', 1e-3, ADAPTIVE_WD),
+    'bp_adopt': ('', 'adopt', 2e-3, ADAPTIVE_WD),
+    'bp_lamb': ('', 'lamb', 5e-3, ADAPTIVE_WD),
+    'dbp_sgd': ('dbp_', 'dbpsgd', 0.05, []),  # library defaults
+    'dbp_sgd_full_i8': ('dbp_', 'dbpsgd', 0.05, ['--decor-interval', '8']),
+    'dbp_sgd_channel': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=channel']),
+    'dbp_sgd_kron': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron']),
+}
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+parser.add_argument('--model', default='test_resnet', help='timm model; DBP methods use dbp_<model>')
+parser.add_argument('--lr-mults', nargs='+', type=float, default=[0.25, 1.0, 4.0],
+                    help='learning-rate sweep, multipliers of each method\'s base LR (the same for every method)')
+parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='the first one is the sweep seed')
+parser.add_argument('--epochs', type=int, default=4)
+parser.add_argument('--train-num-samples', type=int, default=10000)
+parser.add_argument('-b', '--batch-size', type=int, default=128)
+parser.add_argument('--workers', type=int, default=1)
+parser.add_argument('--runs-dir', default=os.path.join(ROOT, 'output', 'tta'), help='train.py output root')
+parser.add_argument('--out', required=True, help='output prefix: writes <out>.json and <out>.png')
+
+
+def run_one(args, method, lr_mult, seed):
+    """Train one (method, lr multiplier, seed) with train.py unless done already; returns its result row."""
+    prefix, opt, base_lr, extra = METHODS[method]
+    lr = base_lr * lr_mult
+    experiment = f'{method}-lr{lr:g}-s{seed}-e{args.epochs}-n{args.train_num_samples}-b{args.batch_size}'
+    summary = os.path.join(args.runs_dir, 'train', experiment, 'summary.csv')
+    curve = read_curve(summary) if os.path.exists(summary) else []
+    if len(curve) < args.epochs:
+        cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
+               *recipe_args(args.epochs, args.batch_size, args.train_num_samples, lr, args.runs_dir, seed,
+                            args.workers),
+               '--model', prefix + args.model, '--opt', opt, '--experiment', experiment, *extra]
+        print(f'=== {method} lr {lr:g} seed {seed}: {" ".join(cmd[1:])}', flush=True)
+        result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            print(result.stderr[-3000:], file=sys.stderr)
+            return dict(method=method, lr=lr, lr_mult=lr_mult, seed=seed, failed=True, curve=[])
+        curve = read_curve(summary)
+    row = dict(method=method, lr=lr, lr_mult=lr_mult, seed=seed, failed=False, curve=curve,
+               final_top1=curve[-1][1], best_top1=max(a for _, a in curve), train_time=curve[-1][0])
+    with open(summary) as f:  # DBP / energy columns of the last epoch, when present
+        last = list(csv.DictReader(f))[-1]
+    row.update({k: float(v) for k, v in last.items() if k.startswith(('train_decor', 'train_energy', 'train_co2')) and v})
+    print(f'    final {row["final_top1"]:.2f}  best {row["best_top1"]:.2f}  time {row["train_time"]:.1f}s', flush=True)
+    return row
+
+
+def summarize(rows, methods, target_method='bp_sgd'):
+    """Per method at its chosen LR: medians over seeds, and time to the target as a fraction of BP-SGD's time."""
+    chosen = {m: [r for r in rows if r['method'] == m and r.get('chosen')] for m in methods}
+    target = statistics.median(r['final_top1'] for r in chosen[target_method])
+    bp_time = statistics.median(r['train_time'] for r in chosen[target_method])
+    table = {}
+    for m, runs in chosen.items():
+        reach = [time_to_reach(r['curve'], target) for r in runs]
+        ratios = [t / bp_time if t is not None else None for t in reach]
+        reached = [x for x in ratios if x is not None]
+        table[m] = dict(
+            lr=runs[0]['lr'], seeds=len(runs),
+            final_top1=[r['final_top1'] for r in runs], best_top1=[r['best_top1'] for r in runs],
+            train_time=[r['train_time'] for r in runs], time_to_target=ratios,
+            final_median=statistics.median(r['final_top1'] for r in runs),
+            best_median=statistics.median(r['best_top1'] for r in runs),
+            time_median=statistics.median(r['train_time'] for r in runs) / bp_time,
+            # a run that never reaches the target counts as infinitely slow for the median
+            tta_median=statistics.median([x if x is not None else float('inf') for x in ratios]),
+            reached=f'{len(reached)}/{len(runs)}',
+        )
+    return target, bp_time, table
+
+
+def plot(rows, table, path, target):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for i, method in enumerate(table):
+        color = f'C{i % 10}'
+        for r in rows:
+            if r['method'] == method and r.get('chosen'):
+                ax.plot([t for t, _ in r['curve']], [a for _, a in r['curve']], color=color, marker='o', ms=3,
+                        alpha=0.7, label=f'{method} (lr {r["lr"]:g})' if r['seed'] == min(
+                            x['seed'] for x in rows if x['method'] == method and x.get('chosen')) else None)
+    ax.axhline(target, color='k', ls='--', lw=1, label=f'target: BP-SGD final {target:.2f}%')
+    ax.set_xlabel('training wall-clock (s), evaluation excluded')
+    ax.set_ylabel('Fashion-MNIST test top-1 (%)')
+    ax.set_ylim(max(50, min(a for r in rows if r.get('chosen') for _, a in r['curve']) - 2), None)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title('Time to accuracy, every seed at each method\'s chosen LR')
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main():
+    args = parser.parse_args()
+    rows = []
+    sweep_seed, other_seeds = args.seeds[0], args.seeds[1:]
+    for lr_mult in args.lr_mults:  # phase 1: LR sweep on the sweep seed, methods interleaved
+        for method in args.methods:
+            rows.append(run_one(args, method, lr_mult, sweep_seed))
+    best_mult = {}
+    for method in args.methods:
+        done = [r for r in rows if r['method'] == method and not r['failed']]
+        if not done:
+            sys.exit(f'every run of {method} failed')
+        best = max(done, key=lambda r: r['final_top1'])
+        best['chosen'] = True
+        best_mult[method] = best['lr_mult']
+    for seed in other_seeds:  # phase 2: the chosen LR on the other seeds
+        for method in args.methods:
+            row = run_one(args, method, best_mult[method], seed)
+            row['chosen'] = not row['failed']
+            rows.append(row)
+    target_method = 'bp_sgd' if 'bp_sgd' in args.methods else args.methods[0]
+    target, bp_time, table = summarize(rows, args.methods, target_method)
+
+    print(f'\ntarget = {target_method} final top-1 (median) {target:.2f}%, its training time {bp_time:.1f}s')
+    print(f'{"method":>18} {"lr":>8} {"final":>7} {"best":>7} {"time":>6} {"to target":>9} {"reached":>7}  '
+          f'raw time-to-target per seed')
+    for m, t in table.items():
+        raw = ' '.join('-' if x is None else f'{x:.2f}' for x in t['time_to_target'])
+        print(f'{m:>18} {t["lr"]:8.2g} {t["final_median"]:7.2f} {t["best_median"]:7.2f} {t["time_median"]:6.2f} '
+              f'{t["tta_median"]:9.2f} {t["reached"]:>7}  {raw}')
+    import torch
+    meta = dict(date=datetime.now().isoformat(timespec='seconds'), command=' '.join(sys.argv), args=vars(args),
+                threads=torch.get_num_threads(), torch=torch.__version__, target=target, bp_sgd_time=bp_time,
+                methods={m: METHODS[m] for m in args.methods})
+    with open(f'{args.out}.json', 'w') as f:
+        json.dump(dict(meta=meta, table=table, rows=rows), f, indent=1)
+    plot(rows, table, f'{args.out}.png', target)
+    print(f'wrote {args.out}.json and {args.out}.png')
+
+
+if __name__ == '__main__':
+    main()
