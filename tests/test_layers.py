@@ -6,7 +6,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm_dbp.layers import (
-    DecorConv2d, DecorLinear, decorrelate, decorrelation_update_, fold, offdiag_correlation, sample_conv_patches,
+    DecorConv2d, DecorLinear, auto_kappa, decorrelate, decorrelation_update_, fold, offdiag_correlation,
+    sample_conv_patches,
 )
 
 CONV_CONFIGS = [
@@ -119,6 +120,35 @@ def test_update_matches_hand_computed_3x3():
     C = torch.tensor([[0., 2., 0.], [2., 0., 0.], [0., 0., 0.]])
     v = torch.tensor([0., 3., -1.])
     expected = torch.eye(3) - 0.1 * (0.5 * C + 0.5 * torch.diag(v))
+    torch.testing.assert_close(R, expected)
+
+
+def test_auto_kappa_is_the_diagonal_share_of_the_whitening_error():
+    torch.manual_seed(0)
+    z = torch.randn(30, 6, dtype=torch.double) @ torch.randn(6, 6, dtype=torch.double)
+    X = z.T @ z / 30
+    v = torch.diag(X) - 1
+    C = X - torch.diag(torch.diag(X))
+    expected = v.square().sum() / (C.square().sum() + v.square().sum())
+    torch.testing.assert_close(auto_kappa(z, v), expected)
+    # uncorrelated inputs with variances far from 1: mostly variance normalisation; correlated unit variances:
+    # mostly decorrelation
+    scaled = torch.randn(4096, 8) * torch.linspace(0.2, 3.0, 8)
+    assert auto_kappa(scaled, scaled.square().mean(0) - 1) > 0.9
+    mixed = torch.randn(4096, 8) @ (torch.eye(8) + 0.6 * torch.ones(8, 8)) / 2.3
+    assert auto_kappa(mixed, mixed.square().mean(0) - 1) < 0.2
+
+
+@pytest.mark.parametrize('n', [5, 40])
+def test_auto_kappa_update_is_the_rule_at_the_chosen_kappa(n):
+    torch.manual_seed(0)
+    R = torch.eye(12, dtype=torch.double) + 0.05 * torch.randn(12, 12, dtype=torch.double)
+    x = torch.randn(n, 12, dtype=torch.double) @ torch.randn(12, 12, dtype=torch.double)
+    z = x @ R.T
+    kappa = auto_kappa(z, z.square().mean(0) - 1).item()
+    expected = _reference_update(R, x, lr=1e-3, kappa=kappa)
+    step = decorrelation_update_(R, x, lr=1e-3, kappa='auto')
+    assert step.kappa.item() == pytest.approx(kappa)
     torch.testing.assert_close(R, expected)
 
 

@@ -82,7 +82,8 @@ def test_unknown_optimizer_name_fails():
 
 
 @pytest.mark.parametrize('kwargs, arg', [
-    (dict(kappa=1.5), 'kappa'), (dict(kappa=-0.1), 'kappa'), (dict(decor_lr=-1e-3), 'decor_lr'),
+    (dict(kappa=1.5), 'kappa'), (dict(kappa=-0.1), 'kappa'), (dict(kappa='Auto'), 'kappa'),
+    (dict(kappa=True), 'kappa'), (dict(decor_lr=-1e-3), 'decor_lr'),
     (dict(decor_samples=0), 'decor_samples'), (dict(decor_samples=2.5), 'decor_samples'),
     (dict(decor_interval=0), 'decor_interval'), (dict(decor_max_change=0), 'decor_max_change'),
 ])

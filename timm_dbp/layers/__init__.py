@@ -3,5 +3,5 @@ from .decor_layers import (
     DECOR_LAYERS, DECOR_STRUCTURES, DecorConv2d, DecorLayer, DecorLinear, find_decor_layer, sample_conv_patches,
     sample_pixels, sample_rows)
 from .decorrelation import (
-    DecorrelationStep, decorrelation_loss, decorrelation_update_, fused_weight, kron_decorrelation_update_,
+    DecorrelationStep, auto_kappa, decorrelation_loss, decorrelation_update_, fused_weight, kron_decorrelation_update_,
     offdiag_correlation)

@@ -21,7 +21,7 @@ optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed 
 Paper: https://arxiv.org/abs/2405.02385
 """
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -151,8 +151,8 @@ class DecorLayer:
 
     Buffers: `decor_matrix` and, for a kron conv, `decor_spatial` (persistent, R's factors; an unused
     `decor_spatial` is an empty non-persistent buffer), and non-persistent `decor_updates`, `decor_skipped` (updates
-    applied / refused by a stability guard), `decor_loss` and `decor_corr` (decorrelation loss and RMS
-    off-diagonal correlation of the last sample, before its update; NaN before the first update).
+    applied / refused by a stability guard), `decor_loss`, `decor_corr` and `decor_kappa` (decorrelation loss and
+    RMS off-diagonal correlation of the last sample before its update, and the kappa used; NaN before the first).
     """
     __jit_unused_properties__ = ['decor_dim', 'decor_state_bytes']
     decor_matrix: torch.Tensor
@@ -180,6 +180,7 @@ class DecorLayer:
         self.register_buffer('decor_skipped', torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer('decor_loss', torch.full((), float('nan'), device=device), persistent=False)
         self.register_buffer('decor_corr', torch.full((), float('nan'), device=device), persistent=False)
+        self.register_buffer('decor_kappa', torch.full((), float('nan'), device=device), persistent=False)
         self.decor_samples = 0  # inputs to capture on the next training forward, 0 = off
         self.decor_seed = -1  # seed of that sample (set by the optimizer); -1 = torch's global generator
         self.decor_inputs: Optional[torch.Tensor] = None
@@ -211,6 +212,7 @@ class DecorLayer:
             self.decor_skipped.zero_()
             self.decor_loss.fill_(float('nan'))
             self.decor_corr.fill_(float('nan'))
+            self.decor_kappa.fill_(float('nan'))
         self.decor_inputs = None
 
     def __setstate__(self, state) -> None:
@@ -251,7 +253,7 @@ class DecorLayer:
             self,
             inputs: torch.Tensor,
             lr: float,
-            kappa: float,
+            kappa: Union[float, str],
             max_rel_change: float = 1.0,
     ) -> torch.Tensor:
         """Apply one DBP step to R from sampled inputs (see `take_decor_inputs`); returns whether it was applied.
@@ -269,6 +271,7 @@ class DecorLayer:
         self.decor_skipped.add_((~step.applied).long())
         self.decor_loss.copy_(step.loss)
         self.decor_corr.copy_(step.correlation)
+        self.decor_kappa.copy_(step.kappa)
         return step.applied
 
 

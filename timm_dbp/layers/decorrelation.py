@@ -19,6 +19,12 @@ diag(v) multiplies R from the LEFT: row i of R is scaled by v_i, so the variance
 towards 1 (the stated maths; the authors' reference code scales columns by a broadcasting accident).
 kappa = 0 decorrelates only, kappa = 1 normalises variances only, in between moves towards whitening.
 
+kappa = 'auto' (the paper leaves kappa task-dependent) picks, at every update of every layer, the share of the
+whitening error X - I = C + diag(v) that lies on the diagonal:  kappa = ||v||^2 / (||C||_F^2 + ||v||^2).
+So the update weights each part of the error by its size: mostly decorrelation while correlations dominate,
+more variance normalisation when variances drift far from 1. ||v|| uses the whole sample, ||C||_F its first
+LOG_STAT_ROWS rows (the rows the logged loss uses; no extra cost).
+
 Cost: with n < d, X R is computed as (1/n) Z^T (Z R) in 3 n d^2 flops instead of forming X and paying
 d^3 for X R; with n >= d the direct form is cheaper. Both give the same R up to float rounding.
 
@@ -29,12 +35,12 @@ Structured R for a conv, whose input patch is a (c x s) matrix P (c = channels p
               rule above on the vectors it acts on: R_c on the columns of P R_s^T, R_s on the rows of R_c P
 A structured R costs c^2 (+ s^2) numbers instead of c^2 s^2, and its update c^3 instead of c^3 s^3.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 __all__ = [
-    'DecorrelationStep', 'decorrelation_update_', 'kron_decorrelation_update_', 'decorrelation_loss',
+    'DecorrelationStep', 'decorrelation_update_', 'kron_decorrelation_update_', 'decorrelation_loss', 'auto_kappa',
     'offdiag_correlation', 'fused_weight', 'LOG_STAT_ROWS']
 
 LOG_STAT_ROWS = 256  # rows of a sample used for the logged loss / correlation (cost n^2 d, not n d^2)
@@ -45,6 +51,7 @@ class DecorrelationStep(NamedTuple):
 
     Attributes:
         applied: True if R was changed; False if a stability guard skipped the update.
+        kappa: The kappa used (the chosen one for kappa='auto').
         loss: Decorrelation loss of the sample before the update (see `decorrelation_loss`).
         correlation: RMS off-diagonal correlation of z before the update (see `offdiag_correlation`).
         rel_change: ||delta R||_F / ||R||_F of the proposed update.
@@ -53,6 +60,7 @@ class DecorrelationStep(NamedTuple):
     loss: torch.Tensor
     correlation: torch.Tensor
     rel_change: torch.Tensor
+    kappa: torch.Tensor
 
 
 def fused_weight(
@@ -86,7 +94,7 @@ def _offdiag_sq_mean(z: torch.Tensor) -> torch.Tensor:
     return (sq_sum - z.square().mean(0).square().sum()).clamp_min(0) / max(d * (d - 1), 1)
 
 
-def decorrelation_loss(z: torch.Tensor, kappa: float) -> torch.Tensor:
+def decorrelation_loss(z: torch.Tensor, kappa: Union[float, torch.Tensor]) -> torch.Tensor:
     """Loss that the update descends: (1 - kappa) * mean_{i != j} X_ij^2 + kappa * mean_i v_i^2, X = z^T z / n.
 
     Args:
@@ -95,6 +103,19 @@ def decorrelation_loss(z: torch.Tensor, kappa: float) -> torch.Tensor:
     """
     v = z.square().mean(0) - 1
     return (1 - kappa) * _offdiag_sq_mean(z) + kappa * v.square().mean()
+
+
+def auto_kappa(z: torch.Tensor, variance_error: torch.Tensor) -> torch.Tensor:
+    """kappa = ||v||^2 / (||C||_F^2 + ||v||^2): the diagonal share of the whitening error X - I.
+
+    Args:
+        z: Decorrelated inputs for ||C||_F, shape (n, d).
+        variance_error: v = diag(X) - 1, shape (d,) (may come from a larger sample than z).
+    """
+    d = z.shape[1]
+    offdiag = _offdiag_sq_mean(z) * d * (d - 1)
+    diagonal = variance_error.square().sum()
+    return diagonal / (offdiag + diagonal).clamp_min(1e-30)
 
 
 def offdiag_correlation(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -114,7 +135,7 @@ def decorrelation_update_(
         inputs: torch.Tensor,
         *,
         lr: float,
-        kappa: float,
+        kappa: Union[float, str],
         max_rel_change: float = 1.0,
 ) -> DecorrelationStep:
     """One DBP step on R in place: R <- R - lr * [(1 - kappa) C + kappa diag(v)] R (see module docstring).
@@ -127,11 +148,11 @@ def decorrelation_update_(
         R: Decorrelation matrix, shape (d, d); updated in place.
         inputs: Sampled layer inputs x (not yet decorrelated), shape (n, d), n >= 1.
         lr: Decorrelation learning rate (>= 0).
-        kappa: 0 = decorrelate only, 1 = variance normalisation only.
+        kappa: 0 = decorrelate only, 1 = variance normalisation only, 'auto' = `auto_kappa` of this sample.
         max_rel_change: Largest accepted relative change of R per update.
 
     Returns:
-        A `DecorrelationStep`: applied or not, loss and correlation before the update, relative change.
+        A `DecorrelationStep`: applied or not, loss and correlation before the update, relative change, kappa.
     """
     assert R.ndim == 2 and R.shape[0] == R.shape[1], f'R must be square, got {tuple(R.shape)}'
     assert inputs.ndim == 2 and inputs.shape[1] == R.shape[0], \
@@ -140,6 +161,8 @@ def decorrelation_update_(
     Rf = R.float()
     z = inputs.float() @ Rf.T  # z_k = R x_k for every row
     diag = z.square().mean(0)  # diag(X)
+    z_log = z[:LOG_STAT_ROWS]
+    kappa = auto_kappa(z_log, diag - 1) if kappa == 'auto' else torch.tensor(float(kappa), device=z.device)
     if n < d:
         XR = z.T @ (z @ Rf) / n  # X R = (1/n) Z^T (Z R), 3 n d^2 flops
     else:
@@ -152,9 +175,8 @@ def decorrelation_update_(
     rel_change = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(Rf).clamp_min(1e-30)
     applied = rel_change <= max_rel_change  # False for NaN / inf
     R.sub_(torch.where(applied, delta, torch.zeros_like(delta)).to(R.dtype))
-
-    z_log = z[:LOG_STAT_ROWS]
-    return DecorrelationStep(applied, decorrelation_loss(z_log, kappa), offdiag_correlation(z_log), rel_change)
+    return DecorrelationStep(
+        applied, decorrelation_loss(z_log, kappa), offdiag_correlation(z_log), rel_change, kappa)
 
 
 @torch.no_grad()
@@ -173,7 +195,7 @@ def kron_decorrelation_update_(
     R_c from column (k mod s) of P_k R_s^T, R_s from row (k mod c) of R_c P_k; each by `decorrelation_update_`
     with its own guard (a refused factor keeps its value). `applied` is True when both factors were updated;
     `loss` is the sum of the two factor losses; `correlation` the RMS over both factors' off-diagonal entries;
-    `rel_change` the larger.
+    `rel_change` the larger; `kappa` the mean of the two factors' kappas.
 
     Args:
         R_channel: Channel factor, shape (c, c); updated in place.
@@ -197,4 +219,5 @@ def kron_decorrelation_update_(
         steps[0].loss + steps[1].loss,
         correlation,
         torch.maximum(steps[0].rel_change, steps[1].rel_change),
+        (steps[0].kappa + steps[1].kappa) / 2,
     )

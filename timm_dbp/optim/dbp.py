@@ -11,7 +11,8 @@ never updates R; otherwise a parameter is routed to the DBP update when it is th
 DecorConv2d / DecorLinear. DBP hyperparameters are param group entries, so groups can differ:
 
     decor_lr          learning rate of R (>= 0)
-    kappa             0 = decorrelate, 1 = normalise variances, in between towards whitening
+    kappa             0 = decorrelate, 1 = normalise variances, in between towards whitening; 'auto' = chosen per
+                      layer and update from the measured errors (timm_dbp.layers.decorrelation.auto_kappa)
     decor_samples     inputs (conv patches / linear rows) sampled per layer per update, without replacement
     decor_interval    update R every k optimizer steps; unarmed layers sample nothing on the other steps
     decor_max_change  updates with ||dR|| > decor_max_change * ||R|| are refused (counted as skipped)
@@ -54,8 +55,8 @@ def _validate_dbp_args(args: Dict[str, Any]) -> None:
     decor_lr, kappa = args['decor_lr'], args['kappa']
     if not (isinstance(decor_lr, (int, float)) and decor_lr >= 0):
         raise ValueError(f'decor_lr must be a number >= 0, got {decor_lr!r}')
-    if not (isinstance(kappa, (int, float)) and 0 <= kappa <= 1):
-        raise ValueError(f'kappa must be in [0, 1], got {kappa!r}')
+    if not (kappa == 'auto' or (isinstance(kappa, (int, float)) and not isinstance(kappa, bool) and 0 <= kappa <= 1)):
+        raise ValueError(f"kappa must be a number in [0, 1] or 'auto', got {kappa!r}")
     for name in ('decor_samples', 'decor_interval'):
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -165,20 +166,20 @@ class DBPMixin:
     def dbp_summary(self) -> Dict[str, float]:
         """Logging summary over this optimizer's DBP layers (one host sync).
 
-        Keys: `decor_corr` and `decor_loss` (means over layers of the last sample's RMS off-diagonal
-        correlation and decorrelation loss, NaN before any update), `decor_updates` and `decor_skipped`
-        (totals), `decor_layers` (count).
+        Keys: `decor_corr`, `decor_loss` and `decor_kappa` (means over layers of the last sample's RMS
+        off-diagonal correlation, decorrelation loss and kappa used, NaN before any update), `decor_updates` and
+        `decor_skipped` (totals), `decor_layers` (count).
         """
         layers = [layer for layer, _ in self.dbp_routes()]
         if not layers:
-            return dict(decor_corr=float('nan'), decor_loss=float('nan'), decor_updates=0, decor_skipped=0,
-                        decor_layers=0)
-        corr, loss = (torch.stack([getattr(layer, key).float() for layer in layers]).nanmean()
-                      for key in ('decor_corr', 'decor_loss'))
+            return dict(decor_corr=float('nan'), decor_loss=float('nan'), decor_kappa=float('nan'), decor_updates=0,
+                        decor_skipped=0, decor_layers=0)
+        means = torch.stack([torch.stack([getattr(layer, key).float() for layer in layers]).nanmean()
+                             for key in ('decor_corr', 'decor_loss', 'decor_kappa')])
         counts = torch.stack([torch.stack([layer.decor_updates, layer.decor_skipped]) for layer in layers]).sum(0)
-        corr, loss, updates, skipped = torch.cat([torch.stack([corr, loss]).cpu(), counts.float().cpu()]).tolist()
-        return dict(decor_corr=corr, decor_loss=loss, decor_updates=int(updates), decor_skipped=int(skipped),
-                    decor_layers=len(layers))
+        corr, loss, kappa, updates, skipped = torch.cat([means.cpu(), counts.float().cpu()]).tolist()
+        return dict(decor_corr=corr, decor_loss=loss, decor_kappa=kappa, decor_updates=int(updates),
+                    decor_skipped=int(skipped), decor_layers=len(layers))
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
