@@ -14,6 +14,8 @@ applies the same R update (the DBP samples are all-gathered) and R is excluded f
 Checkpoints (`last.pth.tar`, best `model_best.pth.tar`, `--checkpoint-hist` top ones) are written atomically and
 hold everything for an exact resume; `--resume auto` continues the experiment's last checkpoint in place.
 `summary.csv` has timm's columns plus the DBP ones and the cumulative training wall-clock (`train_time`).
+With codecarbon installed (`pip install timm-dbp[energy]`) it also has the cumulative energy and emissions of the
+training epochs (`train_energy_kwh`, `train_co2_kg`; `--energy-country`, `--no-energy`).
 """
 import argparse
 import difflib
@@ -50,6 +52,7 @@ from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
 from timm_dbp.utils.checkpoint import (
     CheckpointError, copy_atomic, load_checkpoint_file, rng_state, save_atomic, set_rng_state,
 )
+from timm_dbp.utils.energy import NOT_MEASURED, EnergyMeter, check_country_code, codecarbon_available
 
 _logger = logging.getLogger('train')
 
@@ -234,6 +237,11 @@ group.add_argument('--experiment', default='', type=str, metavar='NAME', help='n
 group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='Best metric')
 group.add_argument('--val-interval', type=int, default=1, metavar='N', help='validate every N epochs (and the last)')
 group.add_argument('--use-multi-epochs-loader', action='store_true', default=False, help='use the multi-epochs-loader')
+group.add_argument('--energy-country', default=None, type=str, metavar='ISO3',
+                   help='country of the machine\'s power grid for the CO2 figure, ISO 3166-1 alpha-3 '
+                        '(default: $TIMM_DBP_ENERGY_COUNTRY, else USA)')
+group.add_argument('--no-energy', action='store_true', default=False,
+                   help='do not measure energy / CO2 (measured by default when codecarbon is installed)')
 
 
 class UserError(Exception):
@@ -289,6 +297,8 @@ def _parse_args(argv=None):
     args = parser.parse_args(remaining)
     if args.data and not args.data_dir:
         args.data_dir = args.data
+    if args.energy_country is None:  # resolved here so that args.yaml records the country used
+        args.energy_country = os.environ.get('TIMM_DBP_ENERGY_COUNTRY') or 'USA'
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
 
@@ -302,6 +312,11 @@ def _check_args(args) -> None:
         raise UserError(f'--epochs must be >= 1, got {args.epochs}')
     if args.val_interval < 1:
         raise UserError(f'--val-interval must be >= 1, got {args.val_interval}')
+    if not args.no_energy:
+        try:
+            check_country_code(args.energy_country)
+        except ValueError as e:
+            raise UserError(f'--energy-country: {e}') from None
     check_model_name(args.model)
 
 
@@ -613,6 +628,8 @@ def main(argv=None):
     if checkpoint is not None:
         set_rng_state(checkpoint.get('rng_state'))
 
+    meter = _energy_meter(args, checkpoint, resume_path, is_main, epochs_to_run=start_epoch < num_epochs)
+
     output_dir = None
     if is_main:
         output_dir = os.path.join(output_base, 'train', exp_name)
@@ -632,15 +649,18 @@ def main(argv=None):
         elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
 
-        train_metrics = train_one_epoch(
-            epoch, num_epochs, train_model, loader_train, optimizer, train_loss_fn, args, device=device,
-            lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,
-            mixup_fn=mixup_fn, num_updates_total=num_epochs * updates_per_epoch)
+        with meter if meter is not None else nullcontext():  # energy: the training epochs only, like train_time
+            train_metrics = train_one_epoch(
+                epoch, num_epochs, train_model, loader_train, optimizer, train_loss_fn, args, device=device,
+                lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,
+                mixup_fn=mixup_fn, num_updates_total=num_epochs * updates_per_epoch)
         train_time += train_metrics.pop('epoch_time')
         if dbp is not None:
             train_metrics.update(dbp.dbp_summary())
             train_metrics.pop('decor_layers', None)
         train_metrics['time'] = train_time  # cumulative training wall-clock: summary.csv column train_time
+        if meter is not None:  # cumulative too: columns train_energy_kwh, train_co2_kg
+            train_metrics.update(energy_kwh=meter.kwh, co2_kg=meter.co2_kg)
 
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
@@ -673,6 +693,8 @@ def main(argv=None):
                 optimizer=optimizer.state_dict(), scaler=loss_scaler.state_dict() if loss_scaler else None,
                 state_dict_ema=model_ema.module.state_dict() if model_ema is not None else None,
                 metric=metric, best_metric=best_metric, best_epoch=best_epoch, train_time=train_time,
+                train_energy_kwh=meter.kwh if meter is not None else None,
+                train_co2_kg=meter.co2_kg if meter is not None else None,
                 rng_state=rng_state(), kept_checkpoints=kept_checkpoints, version=2)
             _save_checkpoints(state, output_dir, best_epoch == epoch, args.checkpoint_hist)
             kept_checkpoints = state['kept_checkpoints']
@@ -681,9 +703,44 @@ def main(argv=None):
         best = f'{best_metric:.3f} (epoch {best_epoch})' if best_metric is not None else 'n/a'
         _logger.info(f'*** Best {args.eval_metric}: {best}; training time {train_time:.1f}s, '
                      f'wall-clock this run {time.time() - run_start:.1f}s')
+        if meter is not None:
+            _logger.info(f'*** Energy of the training epochs: {meter.kwh:.4g} kWh, {meter.co2_kg:.4g} kg CO2eq '
+                         f'({meter.country_iso_code} grid; codecarbon, whole machine of rank 0; '
+                         f'{meter.method or "no epoch measured in this process"})')
     if args.distributed:
         torch.distributed.destroy_process_group()
     return best_metric
+
+
+def _energy_meter(args, checkpoint, source: str, is_main: bool, epochs_to_run: bool):
+    """The EnergyMeter of this run's training epochs, or None (said once in the log). Only rank 0 measures:
+    codecarbon measures the whole machine, so under torchrun the figure is rank 0's node (all of a one-node run).
+    summary.csv keeps the same columns all through a run, so a resumed run measures exactly when its checkpoint did
+    and continues its totals."""
+    measured = checkpoint is not None and checkpoint.get('train_energy_kwh') is not None
+    refuse = (f'{source} has measured energy (summary.csv columns train_energy_kwh, train_co2_kg): '
+              'resuming it without energy would break those columns; ') if measured and epochs_to_run else None
+    if checkpoint is not None and not measured:
+        reason = f'energy not measured: {source} has no energy record (its epochs were not measured)'
+    elif args.no_energy:
+        if refuse:
+            raise UserError(refuse + 'drop --no-energy')
+        reason = 'energy not measured: --no-energy'
+    elif not codecarbon_available():
+        if refuse:
+            raise UserError(refuse + 'pip install timm-dbp[energy]')
+        reason = NOT_MEASURED
+    else:
+        reason = None
+    if reason is not None:
+        if is_main:
+            _logger.info(reason)
+        return None
+    if not is_main:
+        return None
+    if measured:
+        return EnergyMeter(args.energy_country, kwh=checkpoint['train_energy_kwh'], co2_kg=checkpoint['train_co2_kg'])
+    return EnergyMeter(args.energy_country)
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, broadcast_buffers: bool = True) -> DistributedDataParallel:
