@@ -16,7 +16,8 @@ from timm_dbp.utils.energy import NOT_MEASURED, EnergyMeter, check_country_code
 def _args(data_dir, out_dir, experiment, *extra):
     return [
         '--dataset', 'fashion_mnist', '--data-dir', data_dir, '--model', 'dbp_test_resnet', '--opt', 'dbpsgd',
-        '--img-size', '32', '-b', '32', '--train-num-samples', '64', '--val-num-samples', '64', '--epochs', '1', '--warmup-epochs', '0', '-j', '0', '--seed', '3',
+        '--img-size', '32', '-b', '32', '--train-num-samples', '64', '--val-num-samples', '64', '--epochs', '1',
+        '--warmup-epochs', '0', '-j', '0', '--seed', '3',
         '--output', out_dir, '--experiment', experiment, '--log-interval', '100', '--checkpoint-hist', '1',
         '--decor-lr', '1e-3', *extra,
     ]
@@ -158,7 +159,8 @@ def test_train_writes_energy_columns_and_resume_continues_them(tiny_fmnist, tmp_
     # resuming a measured run without codecarbon would drop the columns: refused, nothing written
     with monkeypatch.context() as m:
         m.setitem(sys.modules, 'codecarbon', None)
-        assert train.run(_args(tiny_fmnist, out, 'e', '--epochs', '2', '--energy-country', 'DEU', '--resume', 'auto')) == 2
+        assert train.run(_args(tiny_fmnist, out, 'e', '--epochs', '2', '--energy-country', 'DEU',
+                               '--resume', 'auto')) == 2
     assert len(_summary(out, 'e')) == 1
 
     # resumed: the totals go on from the checkpoint's

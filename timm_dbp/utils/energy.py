@@ -5,9 +5,9 @@ Optional: `pip install timm-dbp[energy]` brings codecarbon. Without it `EnergyMe
 
 codecarbon measures the whole machine (`tracking_mode='machine'`): CPU through RAPL where
 /sys/class/powercap is readable, otherwise an estimate from the CPU's TDP and its load; NVIDIA GPUs through NVML;
-RAM from an estimate. `EnergyMeter.method` says which. The CO2 figure is energy x the carbon intensity of the given country's grid (codecarbon's
-own table: nothing is fetched). The meter never reaches the network, writes no file and keeps codecarbon's
-logging to errors.
+RAM from an estimate (`EnergyMeter.method` says which). The CO2 figure is energy x the carbon intensity of the
+given country's grid (codecarbon's own table: nothing is fetched). The meter never reaches the network, writes no
+file and keeps codecarbon's logging to errors.
 """
 import logging
 import re
@@ -48,7 +48,8 @@ def check_country_code(code: str) -> str:
     codecarbon's carbon-intensity table knows (the table is checked only when codecarbon is installed);
     otherwise ValueError with a one-line message. Never a silent fallback to a world average."""
     if not isinstance(code, str) or not re.fullmatch(r'[A-Z]{3}', code):
-        hint = f' (did you mean {code.upper()!r}?)' if isinstance(code, str) and re.fullmatch(r'[A-Za-z]{3}', code) else ''
+        letters = isinstance(code, str) and re.fullmatch(r'[A-Za-z]{3}', code)
+        hint = f' (did you mean {code.upper()!r}?)' if letters else ''
         raise ValueError(f'country code must be ISO 3166-1 alpha-3, 3 uppercase letters such as USA, FRA, DEU; '
                          f'got {code!r}{hint}')
     if _import_codecarbon() is not None:
