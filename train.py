@@ -57,6 +57,11 @@ from timm_dbp.utils.energy import NOT_MEASURED, EnergyMeter, check_country_code,
 _logger = logging.getLogger('train')
 
 # The first parser reads only --config; the YAML file's values become the main parser's defaults.
+def _kappa(value: str):
+    """--kappa: a number, or 'auto'."""
+    return value if value == 'auto' else float(value)
+
+
 config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
 config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                            help='YAML config file specifying default arguments')
@@ -138,7 +143,8 @@ group.add_argument('--opt-kwargs', dest='opt_args', nargs='*', default={}, actio
 # DBP parameters (shortcuts for the DBP optimizer kwargs; --opt-kwargs works as well)
 group = parser.add_argument_group('DBP parameters')
 group.add_argument('--decor-lr', type=float, default=None, help='DBP learning rate of R (optimizer default if None)')
-group.add_argument('--kappa', type=float, default=None, help='0 = decorrelate, 1 = normalise variances')
+group.add_argument('--kappa', type=_kappa, default=None,
+                   help="0 = decorrelate, 1 = normalise variances, 'auto' = chosen per layer from the measured errors")
 group.add_argument('--decor-samples', type=int, default=None, help='inputs sampled per layer per R update')
 group.add_argument('--decor-interval', type=int, default=None, help='update R every k optimizer steps')
 

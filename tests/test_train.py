@@ -211,6 +211,17 @@ def test_timm_recipe_flags_train_dbp(tiny_fmnist, tmp_path, extra):
     assert all(torch.isfinite(v).all() for k, v in ckpt['state_dict'].items() if k.endswith('decor_matrix'))
 
 
+@pytest.mark.parametrize('structure', ['channel', 'kron'])
+def test_auto_kappa_and_structured_R_from_the_command_line(tiny_fmnist, tmp_path, structure):
+    argv = _args(tiny_fmnist, str(tmp_path), 'auto', '--kappa', 'auto', '--model-kwargs', f'dbp_structure={structure}')
+    assert train.run(argv) == 0
+    rows = _summary(str(tmp_path), 'auto')
+    assert 0 < float(rows[-1]['train_decor_kappa']) < 1 and int(rows[-1]['train_decor_skipped']) == 0
+    state = _last(str(tmp_path), 'auto')['state_dict']
+    assert state['layer1.0.conv1.decor_matrix'].shape[0] == state['layer1.0.conv1.weight'].shape[1]  # channel factor
+    assert ('layer1.0.conv1.decor_spatial' in state) == (structure == 'kron')
+
+
 def test_bad_schedule_is_one_line(tiny_fmnist, tmp_path, capsys):
     assert 'wsd' in _error_of(capsys, _args(tiny_fmnist, str(tmp_path), 'x', '--sched', 'wsd'))
 
