@@ -11,8 +11,8 @@ Target: BP-SGD's final top-1 (median over seeds). Per method: final and best top
 (epoch granularity: the first evaluated epoch at or above the target). Runs are resumable: a finished run
 (summary.csv with every epoch) is read, not re-run. Writes <out>.json (raw rows, every run) and <out>.png.
 
-    python bench/time_to_accuracy.py --out docs/bench_tta   # defaults below; ~1 h on 2 CPU cores
-    python bench/time_to_accuracy.py --methods bp_sgd dbp_sgd --lr-mults 1 --seeds 0 --epochs 1 \\
+    python bench/time_to_accuracy.py --out docs/bench_tta   # defaults below; about 1 h on 2 CPU cores
+    python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --lr-mults 1 --seeds 0 --epochs 1 \\
         --train-num-samples 512 --out /tmp/tta_smoke   # seconds-long smoke run
 """
 import argparse
@@ -37,19 +37,23 @@ METHODS = {
     'bp_kron': ('', 'kron', 1e-3, ADAPTIVE_WD),
     'bp_adopt': ('', 'adopt', 2e-3, ADAPTIVE_WD),
     'bp_lamb': ('', 'lamb', 5e-3, ADAPTIVE_WD),
-    'dbp_sgd': ('dbp_', 'dbpsgd', 0.05, []),  # library defaults
-    'dbp_sgd_full_i8': ('dbp_', 'dbpsgd', 0.05, ['--decor-interval', '8']),
-    'dbp_sgd_channel': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=channel']),
-    'dbp_sgd_kron': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron']),
+    'dbp_full': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=full', '--kappa', '0']),  # the paper's R
+    'dbp_full_i8': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=full', '--decor-interval', '8']),
+    'dbp_channel': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=channel', '--kappa', '0']),
+    'dbp_kron': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
+    'dbp_kron_k05': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0.5']),
+    'dbp_kron_kauto': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', 'auto']),
 }
+DEFAULT_METHODS = ['bp_sgd', 'bp_adamw', 'bp_muon', 'bp_kron', 'bp_adopt', 'dbp_full', 'dbp_channel', 'dbp_kron',
+                   'dbp_kron_k05', 'dbp_kron_kauto']
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS, choices=list(METHODS))
 parser.add_argument('--model', default='test_resnet', help='timm model; DBP methods use dbp_<model>')
-parser.add_argument('--lr-mults', nargs='+', type=float, default=[0.25, 1.0, 4.0],
+parser.add_argument('--lr-mults', nargs='+', type=float, default=[0.5, 1.0, 2.0],
                     help='learning-rate sweep, multipliers of each method\'s base LR (the same for every method)')
 parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='the first one is the sweep seed')
-parser.add_argument('--epochs', type=int, default=4)
+parser.add_argument('--epochs', type=int, default=3)
 parser.add_argument('--train-num-samples', type=int, default=10000)
 parser.add_argument('-b', '--batch-size', type=int, default=128)
 parser.add_argument('--workers', type=int, default=1)
