@@ -8,7 +8,8 @@ Runs are interleaved (method A B C ... for each LR / seed), so slow drifts of th
 
 Target: BP-SGD's final top-1 (median over seeds). Per method: final and best top-1, and the training wall-clock
 (train.py's `train_time`, evaluation excluded) to first reach the target, divided by BP-SGD's total training time
-(epoch granularity: the first evaluated epoch at or above the target). Runs are resumable: a finished run
+(epoch granularity: the first evaluated epoch at or above the target), and the energy of the training epochs
+(codecarbon, when installed: train.py's `train_energy_kwh`). Runs are resumable: a finished run
 (summary.csv with every epoch) is read, not re-run. Writes <out>.json (raw rows, every run) and <out>.png.
 
     python bench/time_to_accuracy.py --out docs/bench_tta   # defaults below; about 1 h on 2 CPU cores
@@ -108,7 +109,10 @@ def summarize(rows, methods, target_method='bp_sgd'):
             # a run that never reaches the target counts as infinitely slow for the median
             tta_median=statistics.median([x if x is not None else float('inf') for x in ratios]),
             reached=f'{len(reached)}/{len(runs)}',
+            energy_kwh=[r.get('train_energy_kwh') for r in runs], co2_kg=[r.get('train_co2_kg') for r in runs],
         )
+        measured = [e for e in table[m]['energy_kwh'] if e is not None]
+        table[m]['energy_kwh_median'] = statistics.median(measured) if measured else None
     return target, bp_time, table
 
 
@@ -159,12 +163,13 @@ def main():
     target, bp_time, table = summarize(rows, args.methods, target_method)
 
     print(f'\ntarget = {target_method} final top-1 (median) {target:.2f}%, its training time {bp_time:.1f}s')
-    print(f'{"method":>18} {"lr":>8} {"final":>7} {"best":>7} {"time":>6} {"to target":>9} {"reached":>7}  '
-          f'raw time-to-target per seed')
+    print(f'{"method":>18} {"lr":>8} {"final":>7} {"best":>7} {"time":>6} {"to target":>9} {"reached":>7} '
+          f'{"kWh":>8}  raw time-to-target per seed')
     for m, t in table.items():
         raw = ' '.join('-' if x is None else f'{x:.2f}' for x in t['time_to_target'])
+        kwh = 'n/a' if t['energy_kwh_median'] is None else f'{t["energy_kwh_median"]:.2e}'
         print(f'{m:>18} {t["lr"]:8.2g} {t["final_median"]:7.2f} {t["best_median"]:7.2f} {t["time_median"]:6.2f} '
-              f'{t["tta_median"]:9.2f} {t["reached"]:>7}  {raw}')
+              f'{t["tta_median"]:9.2f} {t["reached"]:>7} {kwh:>8}  {raw}')
     import torch
     meta = dict(date=datetime.now().isoformat(timespec='seconds'), command=' '.join(sys.argv), args=vars(args),
                 threads=torch.get_num_threads(), torch=torch.__version__, target=target, bp_sgd_time=bp_time,
