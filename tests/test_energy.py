@@ -1,5 +1,4 @@
 """ Tests of the optional energy / CO2 measurement (timm_dbp.utils.energy and train.py's summary columns) """
-import csv
 import logging
 import math
 import os
@@ -7,29 +6,16 @@ import socket
 import sys
 
 import pytest
-import torch
 
 import train
+from test_train import _args as train_args, _last, _summary
 from timm_dbp.utils.energy import NOT_MEASURED, EnergyMeter, check_country_code
 
 
 def _args(data_dir, out_dir, experiment, *extra):
-    return [
-        '--dataset', 'fashion_mnist', '--data-dir', data_dir, '--model', 'dbp_test_resnet', '--opt', 'dbpsgd',
-        '--img-size', '32', '-b', '32', '--train-num-samples', '64', '--val-num-samples', '64', '--epochs', '1',
-        '--warmup-epochs', '0', '-j', '0', '--seed', '3',
-        '--output', out_dir, '--experiment', experiment, '--log-interval', '100', '--checkpoint-hist', '1',
-        '--decor-lr', '1e-3', *extra,
-    ]
-
-
-def _summary(out_dir, experiment):
-    with open(os.path.join(out_dir, 'train', experiment, 'summary.csv')) as f:
-        return list(csv.DictReader(f))
-
-
-def _last(out_dir, experiment):
-    return torch.load(os.path.join(out_dir, 'train', experiment, 'last.pth.tar'), weights_only=False)
+    """test_train's run, shortened to one epoch of 64 images."""
+    return train_args(data_dir, out_dir, experiment, '--train-num-samples', '64', '--val-num-samples', '64',
+                      '--epochs', '1', *extra)
 
 
 @pytest.fixture
