@@ -56,14 +56,11 @@ def test_hf_hub_model_offline_from_the_cache_layout(tiny_fmnist, trained, tmp_pa
     import sys
     import timm
     from timm.models import save_for_hf
-    commit = 'a' * 40
-    snapshot = tmp_path / 'hf' / 'hub' / 'models--timm-dbp--fmnist-test' / 'snapshots' / commit
+    from hub import place_in_hf_cache  # the cache layout helper shared with tests/test_hub.py
     model = timm.create_model('dbp_test_resnet', num_classes=10, in_chans=1)
     model.load_state_dict(torch.load(trained, weights_only=False)['state_dict'])
-    save_for_hf(model, str(snapshot), model_args=dict(in_chans=1), safe_serialization=True)
-    refs = snapshot.parent.parent / 'refs'
-    refs.mkdir()
-    (refs / 'main').write_text(commit)
+    save_for_hf(model, str(tmp_path / 'folder'), model_args=dict(in_chans=1), safe_serialization=True)
+    place_in_hf_cache(tmp_path / 'folder', 'timm-dbp/fmnist-test', cache_dir=tmp_path / 'hf' / 'hub')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, HF_HOME=str(tmp_path / 'hf'), HF_HUB_OFFLINE='1')
     cmd = [sys.executable, os.path.join(root, 'validate.py'), '--dataset', 'fashion_mnist', '--data-dir', tiny_fmnist,
