@@ -59,6 +59,7 @@ parser.add_argument('--lr-mults', nargs='+', type=float, default=[0.5, 1.0, 2.0]
 parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='the first one is the sweep seed')
 parser.add_argument('--epochs', type=int, default=3)
 parser.add_argument('--train-num-samples', type=int, default=10000)
+parser.add_argument('--val-num-samples', type=int, default=None, help='test images evaluated (default: all 10k)')
 parser.add_argument('-b', '--batch-size', type=int, default=128)
 parser.add_argument('--workers', type=int, default=1)
 parser.add_argument('--runs-dir', default=os.path.join(ROOT, 'output', 'tta'), help='train.py output root')
@@ -77,6 +78,8 @@ def run_one(args, method, lr_mult, seed):
                *recipe_args(args.epochs, args.batch_size, args.train_num_samples, lr, args.runs_dir, seed,
                             args.workers),
                '--model', prefix + args.model, '--opt', opt, '--experiment', experiment, *extra]
+        if args.val_num_samples:
+            cmd += ['--val-num-samples', str(args.val_num_samples)]
         print(f'=== {method} lr {lr:g} seed {seed}: {" ".join(cmd[1:])}', flush=True)
         result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, **(env[0] if env else {})))

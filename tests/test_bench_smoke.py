@@ -36,3 +36,38 @@ def test_decor_samples_smoke(tmp_path):
          '--samples', '16', '64', '--draws', '1', '--repeats', '1', '--out', str(tmp_path / 'd.json'))
     rows = json.loads((tmp_path / 'd.json').read_text())['rows']
     assert [r['n'] for r in rows] == [16, 64]
+
+
+def test_step_cost_with_dbp_settings_smoke(tmp_path):
+    _run('step_cost.py', '--configs', 'test_resnet:32:4', '--repeats', '1', '--out', str(tmp_path / 's'),
+         '--dbp', 'dbp_structure=kron', 'decor_interval=2')
+    data = json.loads((tmp_path / 's.json').read_text())
+    assert data['meta']['dbp_settings'] == {'dbp_structure': 'kron', 'decor_interval': 2}
+    assert 0 < data['results'][0]['decor_state_mib'] < 1
+
+
+def test_memory_smoke(tmp_path):
+    _run('memory.py', '--models', 'test_resnet', '--img-size', '32', '-b', '2', '--steps', '1',
+         '--out', str(tmp_path / 'm'))
+    row = json.loads((tmp_path / 'm.json').read_text())['results'][0]
+    state = row['decor_state_bytes']
+    assert state['full'] > state['kron'] > state['channel'] > 0
+    assert set(row['peak']) == {'bp', 'full', 'channel', 'kron'} and all(p['peak'] > 0 for p in row['peak'].values())
+    assert (tmp_path / 'm.png').exists()
+
+
+@pytest.mark.skipif(not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'),
+                    reason='needs dataset-fashion-mnist (scripts/install.sh installs it)')
+def test_time_to_accuracy_smoke(tmp_path):
+    out = _run('time_to_accuracy.py', '--methods', 'bp_sgd', 'dbp_kron', '--lr-mults', '1', '--seeds', '0', '--epochs',
+               '1', '--train-num-samples', '128', '--val-num-samples', '128', '--runs-dir', str(tmp_path / 'runs'),
+               '--out', str(tmp_path / 't'))
+    data = json.loads((tmp_path / 't.json').read_text())
+    assert set(data['table']) == {'bp_sgd', 'dbp_kron'} and len(data['rows']) == 2
+    assert all(len(r['curve']) == 1 and not r['failed'] for r in data['rows'])
+    assert data['table']['bp_sgd']['time_median'] == 1.0 and 'to target' in out
+    # resumable: a second call reads the finished runs instead of training again
+    again = _run('time_to_accuracy.py', '--methods', 'bp_sgd', 'dbp_kron', '--lr-mults', '1', '--seeds', '0',
+                 '--epochs', '1', '--train-num-samples', '128', '--val-num-samples', '128',
+                 '--runs-dir', str(tmp_path / 'runs'), '--out', str(tmp_path / 't2'))
+    assert '===' not in again
