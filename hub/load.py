@@ -13,7 +13,7 @@ import timm
 from torch import nn
 
 import timm_dbp
-from timm_dbp.models.dbp_resnet import (
+from timm_dbp.models._pretrained import (
     PretrainedWeightsError, check_pretrained_fits, pretrained_source, raised_while_loading_pretrained)
 
 __all__ = ['HubLoadError', 'read_hub_config', 'load_model']

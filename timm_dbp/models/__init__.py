@@ -1,1 +1,2 @@
+from ._pretrained import PretrainedWeightsError
 from .dbp_resnet import *
