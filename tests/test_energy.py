@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import train
-from test_train import _args as train_args, _last, _summary
+from test_train import _args as train_args, _last, _summary, run_stopped_at_second_epoch
 from timm_dbp.utils.energy import NOT_MEASURED, EnergyMeter, check_country_code
 
 
@@ -123,17 +123,7 @@ def test_train_writes_energy_columns_and_resume_continues_them(tiny_fmnist, tmp_
     out = str(tmp_path / 'out')
 
     # 2 epochs, killed when the second one starts
-    original = train.train_one_epoch
-
-    def stop_at_second_epoch(epoch, *args, **kwargs):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(epoch, *args, **kwargs)
-
-    monkeypatch.setattr(train, 'train_one_epoch', stop_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(_args(tiny_fmnist, out, 'e', '--epochs', '2', '--energy-country', 'DEU'))
-    monkeypatch.setattr(train, 'train_one_epoch', original)
+    run_stopped_at_second_epoch(monkeypatch, _args(tiny_fmnist, out, 'e', '--epochs', '2', '--energy-country', 'DEU'))
     row0, = _summary(out, 'e')
     kwh0, co2_0 = float(row0['train_energy_kwh']), float(row0['train_co2_kg'])
     assert math.isfinite(kwh0) and math.isfinite(co2_0) and kwh0 > 0 and co2_0 > 0, row0

@@ -26,6 +26,21 @@ def _last(out_dir, experiment):
     return torch.load(os.path.join(out_dir, 'train', experiment, 'last.pth.tar'), weights_only=False)
 
 
+def run_stopped_at_second_epoch(monkeypatch, argv):
+    """Run train.py and kill it (KeyboardInterrupt) when its second epoch starts."""
+    original = train.train_one_epoch
+
+    def stop_at_second_epoch(epoch, *args, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(epoch, *args, **kwargs)
+
+    monkeypatch.setattr(train, 'train_one_epoch', stop_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(argv)
+    monkeypatch.setattr(train, 'train_one_epoch', original)
+
+
 def test_dbp_training_learns_R_and_logs_dbp_columns(tiny_fmnist, tmp_path):
     assert train.run(_args(tiny_fmnist, str(tmp_path), 'dbp', '--model-ema', '--model-ema-decay', '0.9')) == 0
     rows = _summary(str(tmp_path), 'dbp')
@@ -49,18 +64,8 @@ def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):
     assert train.run(_args(tiny_fmnist, out, 'straight')) == 0
 
     # the same run, stopped (killed) when the second epoch starts, then resumed in place with --resume auto
-    original = train.train_one_epoch
-
-    def stop_at_second_epoch(epoch, *args, **kwargs):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(epoch, *args, **kwargs)
-
-    monkeypatch.setattr(train, 'train_one_epoch', stop_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(_args(tiny_fmnist, out, 'stopped'))
+    run_stopped_at_second_epoch(monkeypatch, _args(tiny_fmnist, out, 'stopped'))
     assert _last(out, 'stopped')['epoch'] == 0
-    monkeypatch.setattr(train, 'train_one_epoch', original)
     assert train.run(_args(tiny_fmnist, out, 'stopped', '--resume', 'auto')) == 0
 
     straight, resumed = _summary(out, 'straight'), _summary(out, 'stopped')
