@@ -55,7 +55,7 @@ def main():
     x_all = F.interpolate(images[:, None].float().div(255), size=args.img_size, mode='bilinear').to(device)
     y_all = labels.to(device)
     torch.manual_seed(0)
-    model = timm.create_model(args.model, in_chans=1, num_classes=10).to(device)
+    model = timm.create_model(args.model, in_chans=1, num_classes=10, dbp_structure='full').to(device)  # patch R
     opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, decor_lr=1e-3)
     for step in range(args.warmup_steps):
         idx = torch.randint(0, len(x_all), (args.batch_size,), device=device)

@@ -47,7 +47,7 @@ def test_identity_R_matches_timm_twin_and_loads_plain_weights(tmp_path):
         pretrained_cfg_overlay=dict(file=str(path), num_classes=5)).eval()
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(dbp(x), plain(x))
-    assert all(torch.equal(layer.decor_matrix, torch.eye(layer.decor_dim)) for _, layer in decor_layers(dbp))
+    assert all(torch.equal(layer.decor_matrix, torch.eye(len(layer.decor_matrix))) for _, layer in decor_layers(dbp))
 
 
 def test_trained_then_folded_loads_into_timm_resnet():

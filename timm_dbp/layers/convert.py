@@ -14,7 +14,7 @@ from torch import nn
 
 from timm.layers import Linear as TimmLinear
 
-from .decor_layers import DECOR_LAYERS, DECOR_STRUCTURES, DecorConv2d, DecorLayer, DecorLinear
+from .decor_layers import DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, DecorConv2d, DecorLayer, DecorLinear
 from .decorrelation import fused_weight
 
 __all__ = ['decorrelate', 'fold', 'fold_state_dict', 'fill_decor_matrices', 'decor_layers']
@@ -56,7 +56,7 @@ def decorrelate(
         max_dim: Optional[int] = None,
         conv: bool = True,
         linear: bool = True,
-        structure: str = 'full',
+        structure: str = DEFAULT_STRUCTURE,
 ) -> nn.Module:
     """Convert the Conv2d / Linear layers of `model` to DBP form in place (same function: R = I).
 

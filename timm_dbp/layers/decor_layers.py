@@ -33,9 +33,10 @@ from .decorrelation import decorrelation_update_, fused_weight, kron_decorrelati
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
-    'sample_conv_patches', 'sample_pixels', 'sample_rows']
+    'DEFAULT_STRUCTURE', 'sample_conv_patches', 'sample_pixels', 'sample_rows']
 
 DECOR_STRUCTURES = ('full', 'channel', 'kron')
+DEFAULT_STRUCTURE = 'kron'  # of decorrelate() and the dbp_ models: chosen by docs/BENCHMARKS.md, section 12
 
 
 def sample_conv_patches(

@@ -21,7 +21,7 @@ from torch import nn
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from timm_dbp.layers import DecorLinear, decorrelate, fill_decor_matrices
+from timm_dbp.layers import DEFAULT_STRUCTURE, DecorLinear, decorrelate, fill_decor_matrices
 
 from ._pretrained import PretrainedWeightsError, build_dbp_model, check_pretrained_fits, fold_adapted_input_convs
 
@@ -44,7 +44,7 @@ class DBPResNet(ResNet):
             dbp_exclude: Sequence[str] = (),
             dbp_max_dim: Optional[int] = None,
             dbp_linear: bool = True,
-            dbp_structure: str = 'full',
+            dbp_structure: str = DEFAULT_STRUCTURE,
             **kwargs,
     ):
         super().__init__(*args, **kwargs)
