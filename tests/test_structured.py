@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_dbp
+from timm_dbp.layers import decorrelation
 from timm_dbp.layers import (
     DecorConv2d, decor_layers, decorrelation_update_, fold, fold_state_dict, fused_weight,
     kron_decorrelation_update_, offdiag_correlation, sample_conv_patches, sample_pixels,
@@ -24,7 +25,7 @@ CONV_CONFIGS = [
 
 def _full_R(layer: DecorConv2d) -> torch.Tensor:
     """R as one d x d matrix: R_c (x) R_s, R_c (x) I or R itself."""
-    c, s = layer.weight.shape[1], layer.weight[0, 0].numel()
+    s = layer.weight[0, 0].numel()
     if layer.decor_structure == 'full':
         return layer.decor_matrix
     spatial = layer.decor_spatial if layer.decor_structure == 'kron' else torch.eye(s, dtype=layer.decor_matrix.dtype)
@@ -108,7 +109,7 @@ def test_channel_update_is_the_rule_on_pixel_vectors():
     torch.testing.assert_close(layer.decor_matrix, expected)
 
 
-def test_kron_update_factor_inputs_written_out():
+def test_kron_update_factor_inputs_written_out(monkeypatch):
     """R_c learns from column k mod s of P_k R_s^T, R_s from row k mod c of R_c P_k (one vector per patch each)."""
     torch.manual_seed(0)
     c, s, n = 3, 4, 6
@@ -117,6 +118,7 @@ def test_kron_update_factor_inputs_written_out():
     P = torch.randn(n, c, s, dtype=torch.double)
     channel_vectors = torch.stack([(P[k] @ Rs.T)[:, k % s] for k in range(n)])
     spatial_vectors = torch.stack([(Rc @ P[k])[k % c, :] for k in range(n)])
+    monkeypatch.setattr(decorrelation, 'KRON_MIN_VECTORS', 1)  # one vector per patch
     exp_c, exp_s = Rc.clone(), Rs.clone()
     decorrelation_update_(exp_c, channel_vectors, lr=0.05, kappa=0.5)
     decorrelation_update_(exp_s, spatial_vectors, lr=0.05, kappa=0.5)
@@ -124,6 +126,23 @@ def test_kron_update_factor_inputs_written_out():
     assert bool(step.applied)
     torch.testing.assert_close(Rc, exp_c)
     torch.testing.assert_close(Rs, exp_s)
+
+
+def test_kron_small_sample_uses_every_position():
+    """A few patches (deep layers of small images): every column / row is used, so padding-only positions cannot
+    leave a factor without data."""
+    torch.manual_seed(0)
+    c, s, n = 3, 9, 2
+    Rc, Rs = torch.eye(c, dtype=torch.double), torch.eye(s, dtype=torch.double)
+    P = torch.zeros(n, c, s, dtype=torch.double)
+    P[:, :, 4] = torch.randn(n, c, dtype=torch.double)  # only the centre is inside the image
+    exp_c, exp_s = Rc.clone(), Rs.clone()
+    decorrelation_update_(exp_c, P.transpose(1, 2).reshape(-1, c), lr=0.05, kappa=0.0)
+    decorrelation_update_(exp_s, P.reshape(-1, s), lr=0.05, kappa=0.0)
+    kron_decorrelation_update_(Rc, Rs, P, lr=0.05, kappa=0.0)
+    torch.testing.assert_close(Rc, exp_c)
+    torch.testing.assert_close(Rs, exp_s)
+    assert not torch.equal(Rc, torch.eye(c, dtype=torch.double))
 
 
 def test_kron_guard_refuses_and_reports():
@@ -207,7 +226,7 @@ def test_resnet18_state_bytes_by_structure():
     def state_mib(**kwargs):
         model = timm.create_model('dbp_resnet18', device='meta', **kwargs)
         return sum(layer.decor_state_bytes for _, layer in decor_layers(model)) / 2 ** 20
-    assert 340 < state_mib() < 360  # full patch R: about 352 MiB
+    assert 340 < state_mib(dbp_structure='full') < 360  # full patch R: about 352 MiB
     assert state_mib(dbp_structure='channel') < 35
     assert state_mib(dbp_structure='kron') < 35
 

@@ -179,6 +179,15 @@ def decorrelation_update_(
         applied, decorrelation_loss(z_log, kappa), offdiag_correlation(z_log), rel_change, kappa)
 
 
+KRON_MIN_VECTORS = 1024  # a kron factor learns from at least this many vectors when the sample has them
+
+
+def _spread(n: int, size: int, device: torch.device) -> torch.Tensor:
+    """Indices (n, q) into `size` positions, (k q + j) mod size: q = 1 for a large sample, up to all of them."""
+    q = min(size, max(1, KRON_MIN_VECTORS // n))
+    return (torch.arange(n, device=device)[:, None] * q + torch.arange(q, device=device)) % size
+
+
 @torch.no_grad()
 def kron_decorrelation_update_(
         R_channel: torch.Tensor,
@@ -191,8 +200,9 @@ def kron_decorrelation_update_(
 ) -> DecorrelationStep:
     """One DBP step on both factors of R = R_c (x) R_s in place, from the same current z = R_c P R_s^T.
 
-    Each factor learns from one vector per sampled patch P_k (c x s), so its update costs n c^2 (n s^2), not n s c^2:
-    R_c from column (k mod s) of P_k R_s^T, R_s from row (k mod c) of R_c P_k; each by `decorrelation_update_`
+    Each factor learns from q vectors per sampled patch P_k (c x s), q = 1 when n >= KRON_MIN_VECTORS (so its update
+    costs n c^2, not n s c^2), more when the sample is small (at most all of them): R_c from columns
+    (k q + j) mod s of P_k R_s^T, R_s from rows (k q + j) mod c of R_c P_k, j < q; each by `decorrelation_update_`
     with its own guard (a refused factor keeps its value). `applied` is True when both factors were updated;
     `loss` is the sum of the two factor losses; `correlation` the RMS over both factors' off-diagonal entries;
     `rel_change` the larger; `kappa` the mean of the two factors' kappas.
@@ -205,9 +215,9 @@ def kron_decorrelation_update_(
     """
     c, s = R_channel.shape[0], R_spatial.shape[0]
     P = patches.float().reshape(-1, c, s)
-    index = torch.arange(P.shape[0], device=P.device)
-    channel_vectors = torch.einsum('ncs,ns->nc', P, R_spatial.float()[index % s])  # (P_k R_s^T)[:, k mod s]
-    spatial_vectors = torch.einsum('nc,ncs->ns', R_channel.float()[index % c], P)  # (R_c P_k)[k mod c, :]
+    channel_vectors = torch.einsum('ncs,nqs->nqc', P, R_spatial.float()[_spread(P.shape[0], s, P.device)])
+    spatial_vectors = torch.einsum('nqc,ncs->nqs', R_channel.float()[_spread(P.shape[0], c, P.device)], P)
+    channel_vectors, spatial_vectors = channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s)
     steps = (
         decorrelation_update_(R_channel, channel_vectors, lr=lr, kappa=kappa, max_rel_change=max_rel_change),
         decorrelation_update_(R_spatial, spatial_vectors, lr=lr, kappa=kappa, max_rel_change=max_rel_change),
