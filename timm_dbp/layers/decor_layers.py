@@ -171,10 +171,8 @@ class DecorLayer:
         if structure not in DECOR_STRUCTURES:
             raise ValueError(f'decor_structure must be one of {DECOR_STRUCTURES}, got {structure!r}')
         channels, positions = self._decor_factor_dims()
-        if structure == 'kron' and positions == 1:
-            structure = 'channel'  # no spatial part to decorrelate
-        if structure != 'full' and positions == 1:
-            structure = 'full'  # one position: the channel factor is the full R (linear, 1x1 conv)
+        if positions == 1:
+            structure = 'full'  # one position (linear, 1x1 conv): channel and kron R are the full R
         self.decor_structure = structure
         dd = {'device': device, 'dtype': dtype}
         d = channels * positions if structure == 'full' else channels
