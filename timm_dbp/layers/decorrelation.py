@@ -162,7 +162,7 @@ def decorrelation_update_(
     z = inputs.float() @ Rf.T  # z_k = R x_k for every row
     diag = z.square().mean(0)  # diag(X)
     z_log = z[:LOG_STAT_ROWS]
-    kappa = auto_kappa(z_log, diag - 1) if kappa == 'auto' else torch.tensor(float(kappa), device=z.device)
+    kappa = auto_kappa(z_log, diag - 1) if kappa == 'auto' else diag.new_full((), float(kappa))  # a fill, no host copy
     if n < d:
         XR = z.T @ (z @ Rf) / n  # X R = (1/n) Z^T (Z R), 3 n d^2 flops
     else:
