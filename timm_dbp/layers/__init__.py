@@ -1,7 +1,7 @@
 from .convert import decor_layers, decorrelate, fill_decor_matrices, fold, fold_state_dict
 from .decor_layers import (
-    DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, DecorConv2d, DecorLayer, DecorLinear, find_decor_layer, sample_conv_patches,
-    sample_pixels, sample_rows)
+    DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, DecorConv2d, DecorLayer, DecorLinear, find_decor_layer,
+    sample_conv_patches, sample_pixels, sample_rows)
 from .decorrelation import (
     DecorrelationStep, auto_kappa, decorrelation_loss, decorrelation_update_, fused_weight, kron_decorrelation_update_,
     offdiag_correlation)
