@@ -20,10 +20,10 @@ def _twin(name: str) -> str:
 
 
 def test_names_are_new_and_in_our_module():
-    assert len(DBP_MODELS) >= 11
+    assert len(DBP_MODELS) >= 44
     for name in DBP_MODELS:
-        assert _model_to_module[name] == 'dbp_resnet'
-        assert _model_to_module[_twin(name)] == 'resnet'  # the timm twin is still timm's
+        assert _model_to_module[name].startswith('dbp_')
+        assert not _model_to_module[_twin(name)].startswith('dbp_')  # the timm twin is still timm's
 
 
 @pytest.mark.parametrize('name', DBP_MODELS)
@@ -34,7 +34,10 @@ def test_every_conv_and_linear_is_dbp_and_cfg_is_complete(name):
     cfg = model.pretrained_cfg
     for key in ('first_conv', 'classifier'):
         assert f'{cfg[key]}.weight' in model.state_dict()
-    assert cfg['pool_size'] and cfg['hf_hub_id'] == f'timm/{_twin(name)}.{cfg["tag"]}'
+    assert cfg['hf_hub_id'] == f'timm/{_twin(name)}.{cfg["tag"]}' and cfg['architecture'] == name
+    timm_cfg = timm.models.get_pretrained_cfg(f'{_twin(name)}.{cfg["tag"]}').to_dict()
+    assert {k: v for k, v in cfg.items() if k not in ('architecture', 'tag')} == \
+        {k: v for k, v in timm_cfg.items() if k not in ('architecture', 'tag')}
 
 
 def test_identity_R_matches_timm_twin_and_loads_plain_weights(tmp_path):

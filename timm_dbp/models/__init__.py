@@ -1,2 +1,8 @@
 from ._pretrained import PretrainedWeightsError
+from ._twin import DBPModel, build_dbp_twin, dbp_checkpoint_filter
+from .dbp_convnext import *
+from .dbp_efficientnet import *
+from .dbp_mobilenetv3 import *
+from .dbp_regnet import *
 from .dbp_resnet import *
+from .dbp_vision_transformer import *

@@ -1,0 +1,121 @@
+""" DBP twins of timm models: timm's own architecture, every Conv2d / Linear a DBP layer, R = I at the start
+
+A twin `dbp_<name>` is built through timm's builder (`build_model_with_cfg`) from timm's own `<name>` entrypoint: the
+plain model is built without weights, converted by `timm_dbp.decorrelate` and then, when pretrained, loaded by timm's
+`load_pretrained` with the family's filter followed by `dbp_checkpoint_filter`. So plain timm weights load with R = I,
+DBP weights keep their R, and features_only / in_chans / num_classes work as they do for the timm model. A family file
+holds only data: pretrained cfgs (`twin_cfg`), its timm checkpoint filter and its feature-extraction cfg.
+"""
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from timm.models import get_pretrained_cfg, model_entrypoint
+
+from timm_dbp.layers import DEFAULT_STRUCTURE, decorrelate, fill_decor_matrices
+
+from ._pretrained import build_dbp_model, check_pretrained_fits, fold_adapted_input_convs
+
+__all__ = ['DBPModel', 'pop_dbp_args', 'twin_cfg', 'dbp_checkpoint_filter', 'build_dbp_twin']
+
+StateDict = Dict[str, torch.Tensor]
+
+
+def pop_dbp_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Take a dbp_ model's own arguments out of `kwargs`, as `decorrelate()` arguments:
+    dbp_exclude (fnmatch patterns of module names kept plain), dbp_max_dim (keep layers with input dimension d above it
+    plain), dbp_linear (decorrelate Linear layers too) and dbp_structure (R of the convs: 'full', 'channel', 'kron')."""
+    return dict(
+        exclude=tuple(kwargs.pop('dbp_exclude', ())),
+        max_dim=kwargs.pop('dbp_max_dim', None),
+        linear=kwargs.pop('dbp_linear', True),
+        structure=kwargs.pop('dbp_structure', DEFAULT_STRUCTURE),
+    )
+
+
+class DBPModel:
+    """What every dbp_ model adds to its timm class (a mixin): `dbp_args`, the `decorrelate()` arguments it was
+    built with, and a `reset_classifier` whose new classifier is converted by the same rule."""
+    dbp_args: Dict[str, Any]
+
+    def reset_classifier(self, *args, **kwargs) -> None:
+        super().reset_classifier(*args, **kwargs)
+        decorrelate(self, **self.dbp_args)  # converts only the new layers: the others are DBP or kept plain by rule
+
+
+_TWIN_CLASSES: Dict[type, type] = {}
+
+
+def _twin_class(cls: type) -> type:
+    """`DBP<cls>`: the timm model class with DBPModel mixed in, made once per class and kept in this module's
+    namespace (so a pickled model finds its class again)."""
+    if cls not in _TWIN_CLASSES:
+        name = f'DBP{cls.__name__}'
+        if name in globals():
+            name = f'DBP{cls.__module__.rsplit(".", 1)[-1]}_{cls.__name__}'
+        twin = type(name, (DBPModel, cls), {'__module__': __name__, '__qualname__': name})
+        _TWIN_CLASSES[cls] = globals()[name] = twin
+    return _TWIN_CLASSES[cls]
+
+
+def twin_cfg(timm_name: str, **kwargs) -> Dict[str, Any]:
+    """The pretrained cfg of timm's `arch.tag` as data for its DBP twin (same weights, hub id and transforms)."""
+    cfg = {k: v for k, v in dataclasses.asdict(get_pretrained_cfg(timm_name)).items() if v is not None}
+    for key in ('architecture', 'tag'):
+        cfg.pop(key, None)
+    return {**cfg, **kwargs}
+
+
+def dbp_checkpoint_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """Pretrained weights for a DBP model: plain timm / torchvision weights or folded DBP ones get R = I, DBP weights
+    keep their R; weights that do not fit raise PretrainedWeightsError naming the file and the key."""
+    state_dict = dict(state_dict.get('state_dict', state_dict))
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    state_dict = fold_adapted_input_convs(state_dict, model, cfg)
+    state_dict = fill_decor_matrices(state_dict, model)
+    check_pretrained_fits(state_dict, model, cfg)
+    return state_dict
+
+
+def _then_dbp_filter(family_filter: Optional[Callable]) -> Callable:
+    if family_filter is None:
+        return dbp_checkpoint_filter
+
+    def _filter(state_dict: StateDict, model: nn.Module) -> StateDict:
+        return dbp_checkpoint_filter(family_filter(state_dict, model), model)
+    return _filter
+
+
+def build_dbp_twin(
+        variant: str,
+        pretrained: bool = False,
+        timm_filter_fn: Optional[Callable] = None,
+        feature_cfg: Optional[Dict[str, Any]] = None,
+        **kwargs,
+) -> nn.Module:
+    """Build `dbp_<name>` (the `variant`) as the DBP twin of timm's `<name>`.
+
+    Args:
+        variant: The dbp_ model name; its pretrained cfgs are this package's, its architecture timm's `<name>`.
+        pretrained: Load the weights of the pretrained cfg (timm's BP weights get R = I).
+        timm_filter_fn: The timm family's checkpoint filter (run before `dbp_checkpoint_filter`).
+        feature_cfg: The timm family's feature-extraction cfg (for features_only).
+        **kwargs: timm's model arguments plus dbp_exclude, dbp_max_dim, dbp_linear, dbp_structure.
+    """
+    if not variant.startswith('dbp_'):
+        raise ValueError(f'a DBP twin is named dbp_<timm model>, got {variant!r}')
+    timm_entrypoint = model_entrypoint(variant[len('dbp_'):])
+    dbp_args = pop_dbp_args(kwargs)
+
+    def make_twin(**model_kwargs) -> nn.Module:
+        model = timm_entrypoint(pretrained=False, **model_kwargs)
+        model.__class__ = _twin_class(type(model))
+        model.dbp_args = dbp_args
+        return decorrelate(model, **dbp_args)
+
+    return build_dbp_model(
+        make_twin, variant, pretrained, pretrained_filter_fn=_then_dbp_filter(timm_filter_fn),
+        feature_cfg=dict(feature_cfg or {}), **kwargs)
+
