@@ -16,6 +16,7 @@ CONV_CONFIGS = [
     dict(kernel_size=(3, 5), stride=(2, 1), padding=(0, 2), dilation=(1, 2)),
     dict(kernel_size=3, padding='same', dilation=2),
     dict(kernel_size=3, padding=1, groups=2),
+    dict(kernel_size=5, padding=2, groups=4),  # depthwise (C_in = groups): one R shared by the channels
     dict(kernel_size=3, padding=2, padding_mode='reflect'),
     dict(kernel_size=1),
 ]
@@ -34,7 +35,7 @@ def _reference_update(R, x, lr, kappa):
 @pytest.mark.parametrize('cfg', CONV_CONFIGS, ids=str)
 def test_sampled_patches_are_unfold_patches(cfg):
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 6, **cfg)
+    conv = nn.Conv2d(4, 8, **cfg)
     x = torch.randn(2, 4, 9, 8)
     # reference: every patch, via F.unfold on the input padded the conv's own way
     mode = 'constant' if conv.padding_mode == 'zeros' else conv.padding_mode
@@ -57,7 +58,7 @@ def test_sampled_patches_are_unfold_patches(cfg):
 @pytest.mark.parametrize('cfg', CONV_CONFIGS, ids=str)
 def test_conv_at_identity_equals_plain_conv(cfg):
     torch.manual_seed(0)
-    plain = nn.Conv2d(4, 6, **cfg)
+    plain = nn.Conv2d(4, 8, **cfg)
     dbp = DecorConv2d.from_conv(plain)
     assert dbp.weight is plain.weight
     assert torch.equal(dbp.decor_matrix, torch.eye(dbp.decor_dim))
@@ -75,7 +76,7 @@ def test_linear_at_identity_equals_plain_linear():
 @pytest.mark.parametrize('cfg', CONV_CONFIGS[:5], ids=str)
 def test_fused_conv_gradient_is_bp_on_decorrelated_patches(cfg):
     torch.manual_seed(0)
-    conv = DecorConv2d(4, 6, **cfg).double()
+    conv = DecorConv2d(4, 8, **cfg).double()
     d = conv.decor_dim
     conv.decor_matrix.copy_(torch.eye(d, dtype=torch.double) + 0.1 * torch.randn(d, d, dtype=torch.double))
     x = torch.randn(2, 4, 9, 8, dtype=torch.double)

@@ -19,6 +19,7 @@ CONV_CONFIGS = [
     dict(kernel_size=3, stride=2, padding=1, bias=False),
     dict(kernel_size=(3, 5), padding=(0, 2), dilation=(1, 2)),
     dict(kernel_size=3, padding=1, groups=2),
+    dict(kernel_size=5, padding=2, groups=4),  # depthwise (C_in = groups): one R shared by the channels
     dict(kernel_size=3, padding=2, padding_mode='reflect'),
 ]
 
@@ -43,9 +44,9 @@ def _perturbed(layer: DecorConv2d, scale: float = 0.1) -> DecorConv2d:
 @pytest.mark.parametrize('cfg', CONV_CONFIGS, ids=str)
 def test_structured_forward_is_conv_with_kron_R(structure, cfg):
     torch.manual_seed(0)
-    plain = nn.Conv2d(4, 6, **cfg).double()
+    plain = nn.Conv2d(4, 8, **cfg).double()
     layer = _perturbed(DecorConv2d.from_conv(plain, decor_structure=structure))
-    A = (plain.weight.reshape(6, -1) @ _full_R(layer)).reshape(plain.weight.shape)
+    A = (plain.weight.reshape(8, -1) @ _full_R(layer)).reshape(plain.weight.shape)
     mode = 'constant' if plain.padding_mode == 'zeros' else plain.padding_mode
     for shape in [(1, 4, 5, 6), (3, 4, 16, 16)]:  # input smaller / larger than the kernel: both code paths
         x = torch.randn(*shape, dtype=torch.double, requires_grad=True)
@@ -59,7 +60,7 @@ def test_structured_forward_is_conv_with_kron_R(structure, cfg):
         out = F.conv2d(F.pad(x.detach(), plain._reversed_padding_repeated_twice, mode=mode), A_var, plain.bias,
                        stride=plain.stride, dilation=plain.dilation, groups=plain.groups)
         dA, = torch.autograd.grad(out, A_var, g)
-        expected_grad_w = (dA.reshape(6, -1) @ _full_R(layer).T).reshape(plain.weight.shape)
+        expected_grad_w = (dA.reshape(8, -1) @ _full_R(layer).T).reshape(plain.weight.shape)
         torch.testing.assert_close(grad_w, expected_grad_w)
 
 

@@ -50,8 +50,9 @@ def sample_conv_patches(
     A patch is indexed by (image, group, output row, output column); its entries are ordered
     (channel, kernel row, kernel column), the same order as `conv.weight[o].flatten()`.
 
-    Cost: whole channel vectors are gathered for the n * kh * kw sampled pixels (from NCHW or channels-last input
-    alike, without copying the input), so the index tensors have n * kh * kw entries, not n * d.
+    Cost: the sampled group's channel vectors are gathered for the n * kh * kw sampled pixels (from NCHW or
+    channels-last input alike, without copying the input); without groups the index tensors have n * kh * kw
+    entries, not n * d.
     Zero padding is applied by masking those pixels (other padding modes pad the input first).
 
     Args:
@@ -84,15 +85,16 @@ def sample_conv_patches(
     cols = (pos % Wo)[:, None] * sw + torch.arange(kw, device=dev) * dw - pad_left  # (n, kw)
     inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]  # (n, kh, kw)
     pixel = rows.clamp(0, H - 1)[:, :, None] * W + cols.clamp(0, W - 1)[:, None, :]  # (n, kh, kw) in its image
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():  # rows of C channels: a view
+    cg = C // groups
+    if groups > 1:  # gather only the sampled group's channels (a depthwise conv has one of C)
+        channel = (g * cg)[:, None, None, None] + torch.arange(cg, device=dev)  # (n, 1, 1, cg)
+        patches = x.flatten(2)[b[:, None, None, None], channel, pixel[..., None]]  # (n, kh, kw, cg)
+    elif x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():  # rows of C channels: a view
         pixels = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
         patches = pixels[(b[:, None, None] * (H * W) + pixel).reshape(-1)].view(n, kh, kw, C)
     else:  # NCHW: gather the sampled pixels' channels directly, no copy of the whole input
         patches = x.flatten(2)[b[:, None, None], :, pixel]  # (n, kh, kw, C)
     patches = patches * inside[..., None]
-    cg = C // groups
-    if groups > 1:  # keep the sampled group's channels
-        patches = patches.view(n, kh, kw, groups, cg)[torch.arange(n, device=dev), :, :, g]
     return patches.permute(0, 3, 1, 2).reshape(n, cg * kh * kw)
 
 

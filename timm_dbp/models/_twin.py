@@ -7,6 +7,7 @@ DBP weights keep their R, and features_only / in_chans / num_classes work as the
 holds only data: pretrained cfgs (`twin_cfg`), its timm checkpoint filter and its feature-extraction cfg.
 """
 import dataclasses
+import inspect
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
@@ -82,9 +83,11 @@ def dbp_checkpoint_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
 def _then_dbp_filter(family_filter: Optional[Callable]) -> Callable:
     if family_filter is None:
         return dbp_checkpoint_filter
+    takes_model = len(inspect.signature(family_filter).parameters) > 1  # timm's filters take (state_dict[, model])
 
     def _filter(state_dict: StateDict, model: nn.Module) -> StateDict:
-        return dbp_checkpoint_filter(family_filter(state_dict, model), model)
+        state_dict = family_filter(state_dict, model) if takes_model else family_filter(state_dict)
+        return dbp_checkpoint_filter(state_dict, model)
     return _filter
 
 
