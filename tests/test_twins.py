@@ -1,0 +1,119 @@
+""" Every registered dbp_ twin: computes timm's model at R = I from timm's own weights, trains a step with every DBP
+optimizer, and folds exactly to the plain timm model """
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_dbp
+from timm_dbp import decor_layers, fold
+from timm_dbp.layers import DecorConv2d
+
+DBP_MODELS = timm.list_models('dbp_*')
+LARGE = 25_000_000  # parameters; larger twins are marked `large` (left out of CI for time)
+FIRST_STEP_ONLY_INITIALISES = {'dbpadopt'}  # ADOPT's first step sets its second moment, the weights stay
+DBP_OPTIMIZERS = timm.optim.list_optimizers('dbp*')
+REQUIRED = [
+    'dbp_resnet18d', 'dbp_resnet50d', 'dbp_resnext50_32x4d', 'dbp_wide_resnet50_2', 'dbp_seresnet50',
+    'dbp_convnext_atto', 'dbp_convnext_tiny', 'dbp_efficientnet_b0', 'dbp_efficientnet_b2',
+    'dbp_mobilenetv3_small_100', 'dbp_mobilenetv3_large_100', 'dbp_regnety_002', 'dbp_regnety_016',
+    'dbp_vit_tiny_patch16_224', 'dbp_vit_small_patch16_224', 'dbp_vit_base_patch16_224',
+    'dbp_deit_tiny_patch16_224', 'dbp_deit_small_patch16_224']
+
+
+def _by_size(names):
+    """pytest params, the twins over LARGE parameters marked `large`."""
+    def size(name):
+        return sum(p.numel() for p in timm.create_model(name, device='meta').parameters())
+    return [pytest.param(n, marks=pytest.mark.large) if size(n) > LARGE else n for n in names]
+
+
+def _small(name: str) -> dict:
+    """Model kwargs and input size for a cheap CPU test: 32 px (ViTs built for it)."""
+    fixed = timm.models.get_pretrained_cfg(name).fixed_input_size
+    return (dict(img_size=32) if fixed else {}), 32
+
+
+def test_required_twins_are_registered():
+    assert set(REQUIRED) <= set(DBP_MODELS)
+    assert len(DBP_OPTIMIZERS) >= 10
+
+
+@pytest.mark.parametrize('name', _by_size(DBP_MODELS))
+def test_twin_loads_timm_weights_with_identity_R_and_folds_exactly(name, tmp_path):
+    torch.manual_seed(0)
+    kwargs, size = _small(name)
+    plain = timm.create_model(name[len('dbp_'):], num_classes=5, **kwargs).eval()
+    path = tmp_path / 'timm_weights.pth'
+    torch.save(plain.state_dict(), path)
+    twin = timm.create_model(
+        name, pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **kwargs)
+    twin.eval()
+    x = torch.randn(2, 3, size, size)
+    assert torch.equal(twin(x), plain(x))
+    layers = dict(decor_layers(twin))
+    assert layers and all(torch.equal(R, torch.eye(len(R))) for layer in layers.values() for R in
+                          (layer.decor_matrix, layer.decor_spatial) if R.numel())
+    # every Conv2d / Linear is a DBP layer: the rule is "exact nn.Conv2d / nn.Linear / timm Linear"
+    assert not [n for n, m in twin.named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
+
+    # a learnt R (both factors) folds into W: the folded weights load into timm's model and compute the same
+    with torch.no_grad():
+        for layer in layers.values():
+            for R in (layer.decor_matrix, layer.decor_spatial):
+                if R.numel():
+                    R.add_(0.02 * torch.randn_like(R))
+    expected = twin(x)
+    plain.load_state_dict(fold(copy.deepcopy(twin)).state_dict())
+    torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', _by_size(DBP_MODELS))
+def test_twin_trains_a_step_with_every_dbp_optimizer(name):
+    torch.manual_seed(0)
+    kwargs, size = _small(name)
+    model = timm.create_model(name, num_classes=3, **kwargs).train()
+    layers = [layer for _, layer in decor_layers(model)]
+    x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 0])
+    for opt_name in DBP_OPTIMIZERS:
+        opt = timm.optim.create_optimizer_v2(model, opt=opt_name, lr=1e-3, decor_lr=1e-3)
+        before = [layer.decor_updates.item() + layer.decor_skipped.item() for layer in layers]
+        weight = model.get_classifier().weight.detach().clone()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(loss), opt_name
+        after = [layer.decor_updates.item() + layer.decor_skipped.item() for layer in layers]
+        assert all(b + 1 == a for b, a in zip(before, after)), f'{opt_name}: not every R was updated'
+        if opt_name not in FIRST_STEP_ONLY_INITIALISES:
+            assert not torch.equal(model.get_classifier().weight, weight), opt_name
+    assert sum(layer.decor_updates.item() for layer in layers) > 0
+
+
+@pytest.mark.parametrize('name', ['dbp_convnext_atto', 'dbp_efficientnet_b0', 'dbp_regnety_002', 'dbp_test_vit'])
+def test_reset_classifier_and_features_only(name):
+    kwargs, size = _small(name)
+    model = timm.create_model(name, num_classes=3, **kwargs)
+    model.reset_classifier(7)
+    head = model.get_classifier()
+    assert isinstance(head, timm_dbp.DecorLinear) and head.out_features == 7
+    features = timm.create_model(name, features_only=True, **kwargs).eval()
+    out = features(torch.randn(1, 3, size, size))
+    assert [o.shape[1] for o in out] == features.feature_info.channels()
+    assert any(isinstance(m, (DecorConv2d, timm_dbp.DecorLinear)) for m in features.modules())
+
+
+def test_dbp_options_reach_the_twin():
+    model = timm.create_model('dbp_convnext_atto', dbp_exclude=['stem.*', 'head.*'], dbp_structure='full',
+                              device='meta')
+    assert type(model.stem[0]) is torch.nn.Conv2d and type(model.head.fc) is torch.nn.Linear
+    dw = model.stages[0].blocks[0].conv_dw  # depthwise 7x7: one R shared by the channels, d = 49
+    assert isinstance(dw, DecorConv2d) and dw.groups == dw.in_channels and dw.decor_matrix.shape == (49, 49)
+    assert model.dbp_args['structure'] == 'full'
+    with pytest.raises(TypeError):
+        timm.create_model('dbp_convnext_atto', not_an_arg=1)
+    with pytest.raises(ValueError, match='structure'):
+        timm.create_model('dbp_vit_tiny_patch16_224', dbp_structure='diagonal', device='meta')
