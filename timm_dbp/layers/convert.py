@@ -5,9 +5,11 @@ function is unchanged); `fold(model)` swaps every DBP layer for a plain one hold
 costs exactly what the plain model costs and the state dict matches the plain architecture.
 Both walk the model recursively and return it, like `timm.layers.convert_sync_batchnorm`.
 """
+import inspect
+import re
 from fnmatch import fnmatch
-from functools import partial
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from functools import lru_cache, partial
+from typing import Dict, FrozenSet, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +33,23 @@ def decor_layers(model: nn.Module) -> Iterator[Tuple[str, DecorLayer]]:
 
 def _decor_dim(module: nn.Module) -> int:
     return module.weight[0].numel()
+
+
+@lru_cache(maxsize=None)
+def _weights_read_directly(cls: type) -> FrozenSet[str]:
+    """Names `x` of children whose weight a forward method of `cls` reads itself (`self.x.weight`), bypassing the
+    child's forward: e.g. BEiT / EVA attention's `F.linear(x, self.qkv.weight, qkv_bias)`. A DBP child there would
+    never apply its R."""
+    names = set()
+    for name in dir(cls):
+        method = getattr(cls, name, None)
+        if 'forward' not in name or not inspect.isfunction(method):
+            continue
+        try:
+            names.update(re.findall(r'self\.(\w+)\.weight\b', inspect.getsource(method)))
+        except (OSError, TypeError):  # no source (compiled, built on the fly): nothing to read
+            continue
+    return frozenset(names)
 
 
 def _to_dbp(
@@ -60,8 +79,10 @@ def decorrelate(
 ) -> nn.Module:
     """Convert the Conv2d / Linear layers of `model` to DBP form in place (same function: R = I).
 
-    Only exact nn.Conv2d, nn.Linear and timm.layers.Linear are converted (subclasses such as StdConv2d
-    or Conv2dSame change the maths and are left alone). Weight and bias tensors are kept, not copied.
+    Which layers: exact nn.Conv2d, nn.Linear and timm.layers.Linear (subclasses such as StdConv2d or Conv2dSame
+    change the maths and are left alone), except a layer whose parent's forward reads its weight directly (BEiT / EVA
+    attention's `F.linear(x, self.qkv.weight, ...)`: its R would never be applied). Norms, embeddings, tokens and
+    every other module are left as they are. Weight and bias tensors are kept, not copied.
 
     Args:
         model: Any torch module; if it is itself a convertible layer, its DBP twin is returned.
@@ -86,6 +107,8 @@ def decorrelate(
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full_name = f'{name}.{child_name}' if name else child_name
+            if child_name in _weights_read_directly(type(module)):
+                continue
             converted = _to_dbp(child, full_name, exclude, max_dim, conv, linear, structure)
             if converted is not None:
                 setattr(module, child_name, converted)

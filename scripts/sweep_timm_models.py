@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+""" Sweep `timm_dbp.decorrelate()` over timm's architectures (timm.list_models()).
+
+For every architecture: build it without weights, run `timm_dbp.utils.conformance.check_decorrelate` on a batch of
+two random images (identical output at R = I, one dbpsgd step reaches the R of every DBP layer, fold exact) and write
+one JSON line per model. Resumable: models already in the output are skipped; a model that was started but never
+finished (the process died, e.g. out of memory) is recorded as a crash on the next run.
+
+    python scripts/sweep_timm_models.py --out docs/sweep_timm_models.jsonl            # every architecture
+    python scripts/sweep_timm_models.py --out /tmp/s.jsonl 'convnext*' 'vit_tiny*'     # some
+    python scripts/sweep_timm_models.py --out docs/sweep_timm_models.jsonl --summary docs/SWEEP.md  # + a report
+
+Input: 64 px for models that take any size (the pretrained cfg's size when the plain model cannot run at 64 px or
+has a fixed input size). Models over --max-params parameters are skipped (recorded as such).
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from typing import Dict, List, Optional
+
+import torch
+
+import timm
+from timm.models._registry import _model_to_module  # the family (timm file) of each model
+
+import timm_dbp  # noqa: F401
+from timm_dbp.utils.conformance import check_decorrelate, output_tensors
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def _input_sizes(name: str) -> List[int]:
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = cfg.input_size[-1] if cfg is not None else 224
+    if cfg is not None and cfg.fixed_input_size:
+        return [size]
+    return [64, size] if size != 64 else [64]
+
+
+def sweep_one(name: str, max_params: int, timeout_s: int) -> Dict:
+    row: Dict = dict(model=name, module=_model_to_module.get(name, ''))
+    signal.alarm(timeout_s)
+    start = time.perf_counter()
+    try:
+        params = sum(p.numel() for p in timm.create_model(name, device='meta').parameters())
+        row['params'] = params
+        if params > max_params:
+            row['status'] = 'skipped'
+            row['problem'] = f'{params / 1e6:.0f}M parameters > --max-params {max_params / 1e6:.0f}M'
+            return row
+        torch.manual_seed(0)
+        model, x, plain_error = None, None, ''
+        for size in _input_sizes(name):  # the plain model must run on the input first
+            model = timm.create_model(name).eval()
+            x = torch.randn(2, 3, size, size)
+            try:
+                with torch.no_grad():
+                    output_tensors(model(x))
+                plain_error = ''
+                break
+            except Exception as e:
+                plain_error = f'{type(e).__name__}: {e}'.strip().splitlines()[0][:200]
+        if plain_error:
+            row['status'] = 'plain model fails'
+            row['problem'] = plain_error
+            return row
+        row['input'] = x.shape[-1]
+        result = check_decorrelate(model, x)
+        row.update(
+            status='ok' if result.ok else 'fail', problem=result.problems(), decor_layers=result.decor_layers,
+            identity_max_diff=result.identity_max_diff, fold_rel_diff=result.fold_rel_diff,
+            unreached=result.unreached[:20])
+    except _Timeout:
+        row['status'] = 'timeout'
+        row['problem'] = f'over {timeout_s} s'
+    except Exception as e:
+        row['status'] = 'error'
+        row['problem'] = f'{type(e).__name__}: {e}'.strip().splitlines()[0][:300]
+    finally:
+        signal.alarm(0)
+        row['seconds'] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _read(path: str) -> List[Dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(rows: List[Dict]) -> str:
+    """A markdown report: counts by status, and every model that is not ok with its problem."""
+    counts = Counter(r['status'] for r in rows)
+    lines = [f'{len(rows)} architectures: ' + ', '.join(f'{n} {s}' for s, n in counts.most_common()), '']
+    bad = [r for r in rows if r['status'] not in ('ok', 'skipped')]
+    if bad:
+        lines += ['| model | status | problem |', '|---|---|---|']
+        lines += [f'| {r["model"]} | {r["status"]} | {r.get("problem", "").replace("|", "/")} |' for r in bad]
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('patterns', nargs='*', default=['*'], help='timm.list_models filters (default: all)')
+    parser.add_argument('--out', required=True, help='JSON lines output (appended; a rerun resumes)')
+    parser.add_argument('--summary', default='', help='also write a markdown summary here')
+    parser.add_argument('--max-params', type=float, default=100e6, help='skip larger models (default 100M)')
+    parser.add_argument('--timeout', type=int, default=300, help='seconds per model (default 300)')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    signal.signal(signal.SIGALRM, _alarm)
+
+    names = timm.list_models(args.patterns, exclude_filters=['dbp_*'])
+    if not names:
+        parser.error(f'no timm model matches {args.patterns}')
+    rows = _read(args.out)
+    done = {r['model'] for r in rows if r.get('status') != 'started'}
+    started = [r['model'] for r in rows if r.get('status') == 'started' and r['model'] not in done]
+    with open(args.out, 'a') as f:
+        for name in started:  # the previous run died inside this model
+            f.write(json.dumps(dict(model=name, status='crash', problem='the process died (memory?)')) + '\n')
+            done.add(name)
+        todo = [n for n in names if n not in done]
+        for i, name in enumerate(todo):
+            f.write(json.dumps(dict(model=name, status='started')) + '\n')
+            f.flush()
+            row = sweep_one(name, int(args.max_params), args.timeout)
+            f.write(json.dumps(row) + '\n')
+            f.flush()
+            print(f'[{i + 1}/{len(todo)}] {name}: {row["status"]} {row.get("problem", "")}', flush=True)
+    rows = [r for r in _read(args.out) if r.get('status') != 'started' and r['model'] in set(names)]
+    report = summarize(rows)
+    print(report)
+    if args.summary:
+        with open(args.summary, 'w') as f:
+            f.write(report)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

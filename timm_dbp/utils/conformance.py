@@ -1,0 +1,106 @@
+""" Does `decorrelate()` work on this model? One check, used by the tests and by scripts/sweep_timm_models.py
+
+`check_decorrelate(model, x)` converts the model and verifies the three promises of a DBP conversion:
+    identity  at R = I the converted model computes exactly what the plain model computed (max |difference| == 0)
+    step      one dbpsgd step updates the R of every DBP layer (a layer whose forward never runs, because the model
+              reads its weight directly, would keep an R that changes nothing: listed as `unreached`)
+    fold      `fold()` of the stepped model computes what the stepped DBP model computes (float tolerance)
+"""
+import copy
+import dataclasses
+import time
+from typing import Any, List
+
+import torch
+from torch import nn
+
+from timm_dbp.layers import decor_layers, decorrelate, fold
+
+__all__ = ['DecorrelateCheck', 'check_decorrelate', 'output_tensors']
+
+
+@dataclasses.dataclass
+class DecorrelateCheck:
+    """The result of `check_decorrelate`; `ok` when every promise holds."""
+    decor_layers: int = 0
+    identity_max_diff: float = float('nan')
+    fold_rel_diff: float = float('nan')
+    updated_layers: int = 0
+    unreached: List[str] = dataclasses.field(default_factory=list)
+    error: str = ''
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (not self.error and self.decor_layers > 0 and self.identity_max_diff == 0
+                and not self.unreached and self.fold_rel_diff <= 1e-4)
+
+    def problems(self) -> str:
+        """What failed, in words ('' when ok)."""
+        found = [self.error] if self.error else []
+        if not self.error:
+            if self.decor_layers == 0:
+                found.append('no Conv2d / Linear layer to decorrelate')
+            if self.identity_max_diff != 0:
+                found.append(f'at R = I the output differs by {self.identity_max_diff:.3g}')
+            if self.unreached:
+                found.append(f'{len(self.unreached)} DBP layer(s) never run by forward: {", ".join(self.unreached[:4])}')
+            if not self.fold_rel_diff <= 1e-4:
+                found.append(f'folded model differs by {self.fold_rel_diff:.3g} (relative)')
+        return '; '.join(found)
+
+
+def output_tensors(output: Any) -> List[torch.Tensor]:
+    """The floating-point tensors in a model output (a tensor, or tuples / lists / dicts of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in output_tensors(item)]
+    return []
+
+
+def _max_abs_diff(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float('inf')
+    return max((float((x - y).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+
+
+def check_decorrelate(model: nn.Module, x: torch.Tensor, **decorrelate_args) -> DecorrelateCheck:
+    """Convert `model` in place with `decorrelate(model, **decorrelate_args)` and check it (see the module docstring).
+
+    Errors raised by the model or the conversion are caught and reported in `error`."""
+    from timm_dbp.optim import with_dbp  # the optimizer package imports the layers: import here, not at the top
+
+    result = DecorrelateCheck()
+    start = time.perf_counter()
+    try:
+        model.eval()
+        with torch.no_grad():
+            plain_out = output_tensors(model(x))
+        model = decorrelate(model, **decorrelate_args)
+        layers = dict(decor_layers(model))
+        result.decor_layers = len(layers)
+        with torch.no_grad():
+            result.identity_max_diff = _max_abs_diff(output_tensors(model(x)), plain_out)
+
+        model.train()
+        opt = with_dbp(torch.optim.SGD)(model.parameters(), lr=1e-3, decor_lr=1e-2)
+        loss = sum(t.float().square().mean() for t in output_tensors(model(x)))
+        loss.backward()
+        opt.step()
+        counts = {name: int(layer.decor_updates + layer.decor_skipped) for name, layer in layers.items()}
+        result.updated_layers = sum(counts.values())
+        result.unreached = [name for name, count in counts.items() if count == 0]
+
+        model.eval()
+        with torch.no_grad():
+            dbp_out = output_tensors(model(x))
+            folded_out = output_tensors(fold(copy.deepcopy(model))(x))
+        scale = max((float(t.abs().max()) for t in dbp_out if t.numel()), default=1.0) or 1.0
+        result.fold_rel_diff = _max_abs_diff(folded_out, dbp_out) / scale
+    except Exception as e:  # reported, not raised: a sweep goes on to the next model
+        result.error = f'{type(e).__name__}: {e}'.strip().splitlines()[0][:300]
+    result.seconds = time.perf_counter() - start
+    return result
