@@ -46,11 +46,13 @@ def split_dbp_settings(settings):
     return model_kwargs, {k: v for k, v in settings.items() if k not in model_kwargs}
 
 
-def build(variant, model_name, device, channels_last, settings):
+def build(variant, model_name, img_size, device, channels_last, settings):
     torch.manual_seed(0)
     model_kwargs, opt_kwargs = split_dbp_settings(settings)
+    size_kwargs = dict(img_size=img_size) if timm.models.get_pretrained_cfg(model_name).fixed_input_size else {}
+    model_kwargs = dict(model_kwargs, **size_kwargs)  # ViTs are built for the benchmark's image size
     if variant == 'bp':
-        model = timm.create_model(model_name, num_classes=100)
+        model = timm.create_model(model_name, num_classes=100, **size_kwargs)
         opt_name, opt_kwargs = 'sgd', {}
     else:
         model = timm.create_model(f'dbp_{model_name}', num_classes=100, **model_kwargs)
@@ -112,7 +114,7 @@ def main():
         y = torch.randint(0, 100, (batch,), device=device)
         steps, state_mib = {}, 0.0
         for variant in VARIANTS:
-            model, opt = build(variant, model_name, device, args.channels_last, args.dbp)
+            model, opt = build(variant, model_name, img, device, args.channels_last, args.dbp)
             steps[variant], block = step_fn(variant, model, opt, x, y, args.amp, args.dbp)
             if variant == 'dbp':
                 state_mib = sum(layer.decor_state_bytes for _, layer in decor_layers(model)) / 2 ** 20

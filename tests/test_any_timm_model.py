@@ -1,0 +1,75 @@
+""" decorrelate() on any timm architecture: a fixed sample of timm's families (the whole registry is swept by
+scripts/sweep_timm_models.py, result in docs/SWEEP.md), and the rule for layers whose weight the model reads itself """
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm_dbp
+from timm_dbp import DecorLinear
+from timm_dbp.utils.conformance import check_decorrelate
+
+# small members of timm's families (CNNs, mobile nets, ViTs and hybrids, MLP mixers, reparameterisable nets);
+# each must compute the same function at R = I, take a DBP step that reaches every R, and fold exactly
+ARCHITECTURES = [
+    'resnet18', 'resnet50d', 'seresnext26d_32x4d', 'densenet121', 'dla34', 'vgg11', 'inception_v3', 'xception41',
+    'mobilenetv2_050', 'mobilenetv3_small_050', 'efficientnet_b0', 'tf_efficientnet_b0', 'efficientnetv2_rw_t',
+    'mnasnet_050', 'ghostnet_050', 'rexnet_100', 'regnetx_002', 'hrnet_w18_small', 'cspresnet50', 'convnext_atto',
+    'convnextv2_atto', 'edgenext_xx_small', 'efficientformerv2_s0', 'fastvit_t8', 'mobileone_s0', 'repvgg_a0',
+    'repvit_m1', 'levit_128s', 'vit_tiny_patch16_224', 'deit_tiny_patch16_224', 'eva02_tiny_patch14_224',
+    'swin_tiny_patch4_window7_224', 'pit_ti_224', 'cait_xxs24_224', 'coat_tiny', 'convit_tiny', 'crossvit_tiny_240',
+    'xcit_nano_12_p16_224', 'mixer_s16_224', 'resmlp_12_224', 'gmlp_ti16_224', 'poolformer_s12', 'pvt_v2_b0',
+    'mobilevit_xxs', 'mobilevitv2_050', 'lcnet_050', 'res2net50_14w_8s', 'resnest14d', 'skresnet18', 'nf_resnet26',
+    'resnetv2_50', 'botnet26t_256', 'halonet26t', 'gernet_s', 'selecsls42b', 'dpn48b', 'tinynet_e', 'starnet_s050',
+    'tiny_vit_5m_224', 'efficientvit_b0', 'efficientvit_m0', 'mambaout_femto', 'inception_next_atto',
+    'ese_vovnet19b_slim_dw', 'hiera_tiny_224', 'sequencer2d_s', 'visformer_tiny', 'nest_tiny', 'coatnet_nano_rw_224',
+    'maxvit_nano_rw_256', 'hgnetv2_b0',
+]
+
+
+def test_sample_covers_many_families():
+    from timm.models._registry import _model_to_module
+    assert len(ARCHITECTURES) >= 40 and len({_model_to_module[n] for n in ARCHITECTURES}) >= 40
+
+
+@pytest.mark.parametrize('name', ARCHITECTURES)
+def test_decorrelate_any_timm_architecture(name):
+    torch.manual_seed(0)
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = cfg.input_size[-1] if cfg.fixed_input_size else 64
+    model = timm.create_model(name)
+    result = check_decorrelate(model, torch.randn(2, 3, size, size))
+    assert result.ok, result.problems()
+
+
+class _ReadsWeight(nn.Module):
+    """Like BEiT's attention: uses its child's weight with its own bias, never calling the child."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(24))
+        self.proj = nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.proj(F.linear(x, self.qkv.weight, self.q_bias))
+
+
+class _ReadsWeightInHelper(_ReadsWeight):
+    def forward(self, x):
+        return self.proj(self._project(x))
+
+    def _project(self, x):  # not a forward method: the static rule does not see it, the check must
+        return F.linear(x, self.qkv.weight, self.q_bias)
+
+
+def test_layer_whose_weight_the_parent_reads_stays_plain():
+    model = timm_dbp.decorrelate(_ReadsWeight())
+    assert type(model.qkv) is nn.Linear and isinstance(model.proj, DecorLinear)
+    assert check_decorrelate(_ReadsWeight(), torch.randn(4, 8)).ok
+
+
+def test_check_reports_a_layer_its_forward_never_runs():
+    result = check_decorrelate(_ReadsWeightInHelper(), torch.randn(4, 8))
+    assert not result.ok and result.unreached == ['qkv'] and 'never run by forward: qkv' in result.problems()

@@ -1,0 +1,16 @@
+""" The README's table of dbp_ models is scripts/model_table.py's output for the registered models """
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_model_table_is_current():
+    spec = importlib.util.spec_from_file_location('model_table', os.path.join(ROOT, 'scripts', 'model_table.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = f.read()
+    start, end = '<!-- dbp-models-table -->\n', '<!-- /dbp-models-table -->'
+    table = readme[readme.index(start) + len(start):readme.index(end)]
+    assert table == module.model_table(), 'README table outdated: python scripts/model_table.py'
