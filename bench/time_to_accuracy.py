@@ -47,6 +47,7 @@ METHODS = {
     'dbp_kron': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_kron_k05': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0.5']),
     'dbp_kron_kauto': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', 'auto']),
+    'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
 }
 DEFAULT_METHODS = ['bp_sgd', 'bp_adamw', 'bp_muon', 'bp_kron', 'bp_adopt', 'dbp_full', 'dbp_channel', 'dbp_kron',
                    'dbp_kron_k05', 'dbp_kron_kauto']
@@ -54,6 +55,8 @@ DEFAULT_METHODS = ['bp_sgd', 'bp_adamw', 'bp_muon', 'bp_kron', 'bp_adopt', 'dbp_
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS, choices=list(METHODS))
 parser.add_argument('--model', default='test_resnet', help='timm model; DBP methods use dbp_<model>')
+parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                    help='architecture arguments for every method (e.g. img_size=32 patch_size=4 for a ViT)')
 parser.add_argument('--lr-mults', nargs='+', type=float, default=[0.5, 1.0, 2.0],
                     help='learning-rate sweep, multipliers of each method\'s base LR (the same for every method)')
 parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='the first one is the sweep seed')
@@ -69,6 +72,9 @@ parser.add_argument('--out', required=True, help='output prefix: writes <out>.js
 def run_one(args, method, lr_mult, seed):
     """Train one (method, lr multiplier, seed) with train.py unless done already; returns its result row."""
     prefix, opt, base_lr, extra, *env = METHODS[method]
+    if args.model_kwargs:  # one --model-kwargs flag: train.py keeps only the last one
+        at = extra.index('--model-kwargs') + 1 if '--model-kwargs' in extra else len(extra)
+        extra = extra[:at] + ([] if '--model-kwargs' in extra else ['--model-kwargs']) + args.model_kwargs + extra[at:]
     lr = base_lr * lr_mult
     experiment = f'{method}-lr{lr:g}-s{seed}-e{args.epochs}-n{args.train_num_samples}-b{args.batch_size}'
     summary = os.path.join(args.runs_dir, 'train', experiment, 'summary.csv')
