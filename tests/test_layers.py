@@ -73,6 +73,30 @@ def test_linear_at_identity_equals_plain_linear():
     assert torch.equal(dbp(x), plain(x))
 
 
+@pytest.mark.parametrize('shape', [(6, 7), (2, 5, 7), (2, 3, 4, 7)], ids=['rows', 'tokens BNC', 'channels-last BHWC'])
+def test_linear_on_tokens_is_linear_with_WR_and_samples_token_rows(shape):
+    """ViT tokens (B, N, C) and ConvNeXt channels-last maps (B, H, W, C): y = x (W R)^T + b, the W gradient is BP on
+    z = x R^T, the sample is rows of x over all leading dims, and fold gives the same layer."""
+    torch.manual_seed(0)
+    layer = DecorLinear(7, 3).double()
+    with torch.no_grad():
+        layer.decor_matrix.add_(0.1 * torch.randn(7, 7, dtype=torch.double))
+    x = torch.randn(*shape, dtype=torch.double)
+    R, W = layer.decor_matrix, layer.weight
+    torch.testing.assert_close(layer(x), x @ (W @ R).T + layer.bias)
+    g = torch.randn(*shape[:-1], 3, dtype=torch.double)
+    grad_w, = torch.autograd.grad(layer(x), W, g)
+    z = x @ R.T
+    torch.testing.assert_close(grad_w, g.reshape(-1, 3).T @ z.reshape(-1, 7))
+    layer.decor_samples = 10 ** 6
+    layer(x)
+    rows = layer.take_decor_inputs()
+    assert rows.shape == (x[..., 0].numel(), 7)
+    key = lambda t: t[torch.argsort(t @ torch.linspace(1, 2, 7, dtype=t.dtype))]
+    torch.testing.assert_close(key(rows), key(x.reshape(-1, 7)))
+    torch.testing.assert_close(fold(layer)(x), layer(x))
+
+
 @pytest.mark.parametrize('cfg', CONV_CONFIGS[:5], ids=str)
 def test_fused_conv_gradient_is_bp_on_decorrelated_patches(cfg):
     torch.manual_seed(0)
