@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = [r['model'] for r in rows if r.get('status') == 'started' and r['model'] not in done]
     with open(args.out, 'a') as f:
         for name in started:  # the previous run died inside this model
-            f.write(json.dumps(dict(model=name, status='crash', problem='the process died (memory?)')) + '\n')
+            f.write(json.dumps(dict(model=name, status='crash', problem='the sweep process ended inside this model (killed, out of memory or crashed)')) + '\n')
             done.add(name)
         todo = [n for n in names if n not in done]
         for i, name in enumerate(todo):

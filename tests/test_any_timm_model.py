@@ -13,7 +13,7 @@ from timm_dbp.utils.conformance import check_decorrelate
 # small members of timm's families (CNNs, mobile nets, ViTs and hybrids, MLP mixers, reparameterisable nets);
 # each must compute the same function at R = I, take a DBP step that reaches every R, and fold exactly
 ARCHITECTURES = [
-    'resnet18', 'resnet50d', 'seresnext26d_32x4d', 'densenet121', 'dla34', 'vgg11', 'inception_v3', 'xception41',
+    'resnet18', 'resnet50d', 'seresnext26d_32x4d', 'densenet121', 'dla34', 'inception_v3', 'xception41',
     'mobilenetv2_050', 'mobilenetv3_small_050', 'efficientnet_b0', 'tf_efficientnet_b0', 'efficientnetv2_rw_t',
     'mnasnet_050', 'ghostnet_050', 'rexnet_100', 'regnetx_002', 'hrnet_w18_small', 'cspresnet50', 'convnext_atto',
     'convnextv2_atto', 'edgenext_xx_small', 'efficientformerv2_s0', 'fastvit_t8', 'mobileone_s0', 'repvgg_a0',
