@@ -99,10 +99,15 @@ def _read(path: str) -> List[Dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def summarize(rows: List[Dict]) -> str:
-    """A markdown report: counts by status, and every model that is not ok with its problem."""
+def summarize(rows: List[Dict], total: int, command: str) -> str:
+    """A markdown report: what ran, counts by status, and every model that is not ok with its problem."""
     counts = Counter(r['status'] for r in rows)
-    lines = [f'{len(rows)} architectures: ' + ', '.join(f'{n} {s}' for s, n in counts.most_common()), '']
+    lines = [
+        '# decorrelate() over timm\'s architectures', '',
+        f'Written by `{command}` on {time.strftime("%Y-%m-%d")} (timm {timm.__version__}, torch {torch.__version__}, '
+        f'{os.cpu_count()} CPU cores). Per model: identical output at R = I, one dbpsgd step reaching every R, exact '
+        'fold (scripts/sweep_timm_models.py). Raw rows: the JSON lines file next to this one.', '',
+        f'{len(rows)} of {total} architectures swept: ' + ', '.join(f'{n} {s}' for s, n in counts.most_common()), '']
     bad = [r for r in rows if r['status'] not in ('ok', 'skipped')]
     if bad:
         lines += ['| model | status | problem |', '|---|---|---|']
@@ -140,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             f.flush()
             print(f'[{i + 1}/{len(todo)}] {name}: {row["status"]} {row.get("problem", "")}', flush=True)
     rows = [r for r in _read(args.out) if r.get('status') != 'started' and r['model'] in set(names)]
-    report = summarize(rows)
+    report = summarize(rows, len(names), 'python scripts/sweep_timm_models.py ' + ' '.join(sys.argv[1:]))
     print(report)
     if args.summary:
         with open(args.summary, 'w') as f:

@@ -117,3 +117,32 @@ def test_dbp_options_reach_the_twin():
         timm.create_model('dbp_convnext_atto', not_an_arg=1)
     with pytest.raises(ValueError, match='structure'):
         timm.create_model('dbp_vit_tiny_patch16_224', dbp_structure='diagonal', device='meta')
+
+
+@pytest.mark.parametrize('name', ['dbp_test_vit', 'dbp_test_convnext', 'dbp_test_efficientnet'])
+def test_dbp_trained_twin_round_trips_through_the_hub_layout_with_its_R(name, tmp_path, monkeypatch):
+    """A twin with learnt R, saved in Hub form (config.json + safetensors), loads back offline via `hf-hub:` with
+    the same R and outputs (the family's timm filter runs first, then the DBP one)."""
+    from huggingface_hub import constants
+    from timm.models._hub import save_for_hf
+
+    from hub.cache import place_in_hf_cache
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=4).eval()
+    with torch.no_grad():
+        for _, layer in decor_layers(model):
+            for R in (layer.decor_matrix, layer.decor_spatial):
+                if R.numel():
+                    R.add_(0.02 * torch.randn_like(R))
+    folder = tmp_path / 'folder'
+    save_for_hf(model, str(folder), safe_serialization=True)
+    place_in_hf_cache(folder, 'timm-dbp-test/twin', cache_dir=tmp_path / 'hub')
+    loaded = timm.create_model('hf-hub:timm-dbp-test/twin', pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64) if 'vit' not in name else torch.randn(2, 3, *model.pretrained_cfg['input_size'][1:])
+    assert type(loaded) is type(model)
+    for (key, a), (_, b) in zip(decor_layers(loaded), decor_layers(model)):
+        assert torch.equal(a.decor_matrix, b.decor_matrix) and torch.equal(a.decor_spatial, b.decor_spatial), key
+    assert torch.equal(loaded(x), model(x))
