@@ -154,7 +154,7 @@ def plot(results, path, meta):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(results)), 4.5), dpi=120)
     names = [r['config'] for r in results]
     bottoms = [r['median_s']['bp'] for r in results]
     ax.bar(names, bottoms, label='BP step')
@@ -163,6 +163,9 @@ def plot(results, path, meta):
         ax.bar(names, values, bottom=bottoms, label=f'DBP {part}')
         bottoms = [b + v for b, v in zip(bottoms, values)]
     ax.set_ylabel('seconds per training step (median)')
+    if len(results) > 4:  # long config names: slanted
+        ax.tick_params(axis='x', labelrotation=40, labelsize=8)
+        plt.setp(ax.get_xticklabels(), ha='right')
     ax.set_title(f'DBP vs BP step cost ({meta["device"]}, {meta["threads"]} threads)\n{meta["dbp_settings"] or "defaults"}',
                  fontsize=9)
     ax.legend()
