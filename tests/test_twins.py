@@ -146,3 +146,20 @@ def test_dbp_trained_twin_round_trips_through_the_hub_layout_with_its_R(name, tm
     for (key, a), (_, b) in zip(decor_layers(loaded), decor_layers(model)):
         assert torch.equal(a.decor_matrix, b.decor_matrix) and torch.equal(a.decor_spatial, b.decor_spatial), key
     assert torch.equal(loaded(x), model(x))
+
+
+def test_family_class_builds_directly_and_a_pickled_twin_loads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from timm.models.resnet import BasicBlock
+    model = timm_dbp.models.DBPResNet(block=BasicBlock, layers=(1, 1, 1, 1), num_classes=3, dbp_structure='full')
+    assert isinstance(model.conv1, DecorConv2d) and model.conv1.decor_structure == 'full'
+    assert model.dbp_args['structure'] == 'full'
+    twin = timm.create_model('dbp_test_vit', num_classes=3).eval()
+    path = tmp_path / 'whole_model.pt'
+    torch.save(twin, path)
+    code = ('import sys, torch, timm_dbp; m = torch.load(sys.argv[1], weights_only=False); '
+            'print(type(m).__module__, type(m).__name__, len(list(timm_dbp.decor_layers(m))))')
+    out = subprocess.run([sys.executable, '-c', code, str(path)], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ['timm_dbp.models._twin', 'DBPVisionTransformer', str(len(list(decor_layers(twin))))]

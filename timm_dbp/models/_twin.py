@@ -19,7 +19,7 @@ from timm_dbp.layers import DEFAULT_STRUCTURE, decorrelate, fill_decor_matrices
 
 from ._pretrained import build_dbp_model, check_pretrained_fits, fold_adapted_input_convs
 
-__all__ = ['DBPModel', 'pop_dbp_args', 'twin_cfg', 'dbp_checkpoint_filter', 'build_dbp_twin']
+__all__ = ['DBPModel', 'pop_dbp_args', 'twin_class', 'twin_cfg', 'dbp_checkpoint_filter', 'build_dbp_twin']
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -38,8 +38,17 @@ def pop_dbp_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 class DBPModel:
     """What every dbp_ model adds to its timm class (a mixin): `dbp_args`, the `decorrelate()` arguments it was
-    built with, and a `reset_classifier` whose new classifier is converted by the same rule."""
+    built with, and a `reset_classifier` whose new classifier is converted by the same rule.
+
+    `DBP<Class>(*args, dbp_exclude=..., dbp_max_dim=..., dbp_linear=..., dbp_structure=..., **kwargs)` builds the timm
+    class with its own arguments and converts it; the registered dbp_ entrypoints build through timm instead."""
     dbp_args: Dict[str, Any]
+
+    def __init__(self, *args, **kwargs):
+        dbp_args = pop_dbp_args(kwargs)
+        super().__init__(*args, **kwargs)
+        self.dbp_args = dbp_args
+        decorrelate(self, **dbp_args)
 
     def reset_classifier(self, *args, **kwargs) -> None:
         super().reset_classifier(*args, **kwargs)
@@ -49,9 +58,9 @@ class DBPModel:
 _TWIN_CLASSES: Dict[type, type] = {}
 
 
-def _twin_class(cls: type) -> type:
+def twin_class(cls: type) -> type:
     """`DBP<cls>`: the timm model class with DBPModel mixed in, made once per class and kept in this module's
-    namespace (so a pickled model finds its class again)."""
+    namespace (so a pickled model finds its class again once the family's module has made it at import)."""
     if cls not in _TWIN_CLASSES:
         name = f'DBP{cls.__name__}'
         if name in globals():
@@ -114,7 +123,7 @@ def build_dbp_twin(
 
     def make_twin(**model_kwargs) -> nn.Module:
         model = timm_entrypoint(pretrained=False, **model_kwargs)
-        model.__class__ = _twin_class(type(model))
+        model.__class__ = twin_class(type(model))  # not re-initialised: converted below
         model.dbp_args = dbp_args
         return decorrelate(model, **dbp_args)
 

@@ -12,9 +12,11 @@ Papers:
 from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
-from ._twin import build_dbp_twin, twin_cfg
+from ._twin import build_dbp_twin, twin_cfg, twin_class
 
-__all__ = []  # model_registry will add each entrypoint fn to this
+__all__ = ['DBPConvNeXt']  # model_registry will add each entrypoint fn to this
+
+DBPConvNeXt = twin_class(ConvNeXt)  # the class of every dbp_ model of this family
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXt:

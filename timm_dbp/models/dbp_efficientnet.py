@@ -11,9 +11,11 @@ Papers:
 from timm.models import generate_default_cfgs, register_model
 from timm.models.efficientnet import EfficientNet
 
-from ._twin import build_dbp_twin, twin_cfg
+from ._twin import build_dbp_twin, twin_cfg, twin_class
 
-__all__ = []  # model_registry will add each entrypoint fn to this
+__all__ = ['DBPEfficientNet']  # model_registry will add each entrypoint fn to this
+
+DBPEfficientNet = twin_class(EfficientNet)  # the class of every dbp_ model of this family
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> EfficientNet:

@@ -11,9 +11,11 @@ Papers:
 from timm.models import generate_default_cfgs, register_model
 from timm.models.mobilenetv3 import MobileNetV3
 
-from ._twin import build_dbp_twin, twin_cfg
+from ._twin import build_dbp_twin, twin_cfg, twin_class
 
-__all__ = []  # model_registry will add each entrypoint fn to this
+__all__ = ['DBPMobileNetV3']  # model_registry will add each entrypoint fn to this
+
+DBPMobileNetV3 = twin_class(MobileNetV3)  # the class of every dbp_ model of this family
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> MobileNetV3:

@@ -19,9 +19,11 @@ Pretrained tags are timm's published BP weights for the twin (e.g. `dbp_resnet18
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 
-from ._twin import build_dbp_twin, twin_cfg
+from ._twin import build_dbp_twin, twin_cfg, twin_class
 
-__all__ = []  # model_registry will add each entrypoint fn to this
+__all__ = ['DBPResNet']  # model_registry will add each entrypoint fn to this
+
+DBPResNet = twin_class(ResNet)  # the class of every dbp_ model of this family
 
 
 default_cfgs = generate_default_cfgs({

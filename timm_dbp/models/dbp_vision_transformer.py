@@ -16,9 +16,11 @@ from functools import partial
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ._twin import build_dbp_twin, twin_cfg
+from ._twin import build_dbp_twin, twin_cfg, twin_class
 
-__all__ = []  # model_registry will add each entrypoint fn to this
+__all__ = ['DBPVisionTransformer']  # model_registry will add each entrypoint fn to this
+
+DBPVisionTransformer = twin_class(VisionTransformer)  # the class of every dbp_ model of this family
 
 _FEATURES = dict(out_indices=3, feature_cls='getter')
 
