@@ -9,6 +9,7 @@ finished (the process died, e.g. out of memory) is recorded as a crash on the ne
     python scripts/sweep_timm_models.py --out docs/sweep_timm_models.jsonl            # every architecture
     python scripts/sweep_timm_models.py --out /tmp/s.jsonl 'convnext*' 'vit_tiny*'     # some
     python scripts/sweep_timm_models.py --out docs/sweep_timm_models.jsonl --summary docs/SWEEP.md  # + a report
+    python scripts/sweep_timm_models.py --shuffle 0 --out ... --summary ...   # random order: a stopped sweep is a sample
 
 Input: 64 px for models that take any size (the pretrained cfg's size when the plain model cannot run at 64 px or
 has a fixed input size). Models over --max-params parameters are skipped (recorded as such).
@@ -16,6 +17,7 @@ has a fixed input size). Models over --max-params parameters are skipped (record
 import argparse
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -122,6 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--summary', default='', help='also write a markdown summary here')
     parser.add_argument('--max-params', type=float, default=100e6, help='skip larger models (default 100M)')
     parser.add_argument('--timeout', type=int, default=300, help='seconds per model (default 300)')
+    parser.add_argument('--report-only', action='store_true', help='only write the summary of --out, sweep nothing')
+    parser.add_argument('--shuffle', type=int, default=None, metavar='SEED',
+                        help='sweep in a seeded random order (a partial sweep is then a random sample)')
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     signal.signal(signal.SIGALRM, _alarm)
@@ -133,10 +138,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     done = {r['model'] for r in rows if r.get('status') != 'started'}
     started = [r['model'] for r in rows if r.get('status') == 'started' and r['model'] not in done]
     with open(args.out, 'a') as f:
-        for name in started:  # the previous run died inside this model
+        for name in ([] if args.report_only else started):  # the previous run died inside this model
             f.write(json.dumps(dict(model=name, status='crash', problem='the sweep process ended inside this model (killed, out of memory or crashed)')) + '\n')
             done.add(name)
-        todo = [n for n in names if n not in done]
+        todo = [] if args.report_only else [n for n in names if n not in done]
+        if args.shuffle is not None:
+            random.Random(args.shuffle).shuffle(todo)
         for i, name in enumerate(todo):
             f.write(json.dumps(dict(model=name, status='started')) + '\n')
             f.flush()
