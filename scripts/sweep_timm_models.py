@@ -30,7 +30,7 @@ import timm
 from timm.models._registry import _model_to_module  # the family (timm file) of each model
 
 import timm_dbp  # noqa: F401
-from timm_dbp.utils.conformance import check_decorrelate, output_tensors
+from timm_dbp.utils.conformance import check_decorrelate, small_input
 
 
 class _Timeout(BaseException):  # not an Exception: the check's own error handling must not swallow it
@@ -39,14 +39,6 @@ class _Timeout(BaseException):  # not an Exception: the check's own error handli
 
 def _alarm(signum, frame):
     raise _Timeout()
-
-
-def _input_sizes(name: str) -> List[int]:
-    cfg = timm.models.get_pretrained_cfg(name)
-    size = cfg.input_size[-1] if cfg is not None else 224
-    if cfg is not None and cfg.fixed_input_size:
-        return [size]
-    return [64, size] if size != 64 else [64]
 
 
 def sweep_one(name: str, max_params: int, timeout_s: int) -> Dict:
@@ -61,20 +53,12 @@ def sweep_one(name: str, max_params: int, timeout_s: int) -> Dict:
             row['problem'] = f'{params / 1e6:.0f}M parameters > --max-params {max_params / 1e6:.0f}M'
             return row
         torch.manual_seed(0)
-        model, x, plain_error = None, None, ''
-        for size in _input_sizes(name):  # the plain model must run on the input first
-            model = timm.create_model(name).eval()
-            x = torch.randn(2, 3, size, size)
-            try:
-                with torch.no_grad():
-                    output_tensors(model(x))
-                plain_error = ''
-                break
-            except Exception as e:
-                plain_error = f'{type(e).__name__}: {e}'.strip().splitlines()[0][:200]
-        if plain_error:
+        model = timm.create_model(name)
+        try:
+            x = small_input(name, model)
+        except Exception as e:
             row['status'] = 'plain model fails'
-            row['problem'] = plain_error
+            row['problem'] = f'{type(e).__name__}: {e}'.strip().splitlines()[0][:200]
             return row
         row['input'] = x.shape[-1]
         result = check_decorrelate(model, x)

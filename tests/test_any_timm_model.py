@@ -8,7 +8,7 @@ from torch import nn
 
 import timm_dbp
 from timm_dbp import DecorLinear
-from timm_dbp.utils.conformance import check_decorrelate
+from timm_dbp.utils.conformance import check_decorrelate, small_input
 
 # small members of timm's families (CNNs, mobile nets, ViTs and hybrids, MLP mixers, reparameterisable nets);
 # each must compute the same function at R = I, take a DBP step that reaches every R, and fold exactly
@@ -36,10 +36,8 @@ def test_sample_covers_many_families():
 @pytest.mark.parametrize('name', ARCHITECTURES)
 def test_decorrelate_any_timm_architecture(name):
     torch.manual_seed(0)
-    cfg = timm.models.get_pretrained_cfg(name)
-    size = cfg.input_size[-1] if cfg.fixed_input_size else 64
     model = timm.create_model(name)
-    result = check_decorrelate(model, torch.randn(2, 3, size, size))
+    result = check_decorrelate(model, small_input(name, model))
     assert result.ok, result.problems()
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from timm_dbp.layers import decor_layers, decorrelate, fold
 
-__all__ = ['DecorrelateCheck', 'check_decorrelate', 'output_tensors']
+__all__ = ['DecorrelateCheck', 'check_decorrelate', 'output_tensors', 'small_input']
 
 
 @dataclasses.dataclass
@@ -59,6 +59,28 @@ def output_tensors(output: Any) -> List[torch.Tensor]:
     if isinstance(output, (list, tuple)):
         return [t for item in output for t in output_tensors(item)]
     return []
+
+
+def small_input(name: str, model: nn.Module, batch_size: int = 2, small: int = 64) -> torch.Tensor:
+    """A random batch the plain timm `model` (architecture `name`) runs on: `small` px unless its input size is fixed
+    or it cannot run that small (then the pretrained cfg's size). Raises the plain model's error if neither runs."""
+    import timm
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = cfg.input_size[-1] if cfg is not None else 224
+    sizes = [size] if (cfg is not None and cfg.fixed_input_size) or size == small else [small, size]
+
+    def runs(size: int) -> torch.Tensor:
+        x = torch.randn(batch_size, 3, size, size)
+        with torch.no_grad():
+            model.eval()(x)
+        return x
+
+    for size in sizes[:-1]:
+        try:
+            return runs(size)
+        except Exception:  # too small for this architecture: try the next size
+            pass
+    return runs(sizes[-1])
 
 
 def _max_abs_diff(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
