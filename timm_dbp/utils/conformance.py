@@ -32,8 +32,7 @@ class DecorrelateCheck:
 
     @property
     def ok(self) -> bool:
-        return (not self.error and self.decor_layers > 0 and self.identity_max_diff == 0
-                and not self.unreached and self.fold_rel_diff <= 1e-4)
+        return not self.problems()
 
     def problems(self) -> str:
         """What failed, in words ('' when ok)."""
