@@ -25,12 +25,15 @@ ARCHITECTURES = [
     'tiny_vit_5m_224', 'efficientvit_b0', 'efficientvit_m0', 'mambaout_femto', 'inception_next_atto',
     'ese_vovnet19b_slim_dw', 'hiera_tiny_224', 'sequencer2d_s', 'visformer_tiny', 'nest_tiny', 'coatnet_nano_rw_224',
     'maxvit_nano_rw_256', 'hgnetv2_b0',
+    # chaotic at init in eval mode (1e-15 relative weight noise moves its output by 0.4): fold checked layer by layer
+    pytest.param('efficientnetv2_rw_m', marks=pytest.mark.large),
 ]
 
 
 def test_sample_covers_many_families():
     from timm.models._registry import _model_to_module
-    assert len(ARCHITECTURES) >= 40 and len({_model_to_module[n] for n in ARCHITECTURES}) >= 40
+    names = [n for n in ARCHITECTURES if isinstance(n, str)]
+    assert len(names) >= 40 and len({_model_to_module[n] for n in names}) >= 40
 
 
 @pytest.mark.parametrize('name', ARCHITECTURES)
@@ -71,3 +74,44 @@ def test_layer_whose_weight_the_parent_reads_stays_plain():
 def test_check_reports_a_layer_its_forward_never_runs():
     result = check_decorrelate(_ReadsWeightInHelper(), torch.randn(4, 8))
     assert not result.ok and result.unreached == ['qkv'] and 'never run by forward: qkv' in result.problems()
+
+
+class _Chaotic(nn.Module):
+    """sin(8 W x) twelve times (3x3 convs, kron R: DBP applies R_c to the small input, so the DBP model and its fold
+    round differently): every layer stretches differences, so float32 round-off decides the output."""
+
+    def __init__(self, width: int = 16, depth: int = 12):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.sin(8 * layer(x))
+        return x
+
+
+def test_fold_of_a_chaotic_model_is_checked_layer_by_layer():
+    torch.manual_seed(0)
+    result = check_decorrelate(_Chaotic(), torch.randn(1, 16, 2, 2))
+    assert result.fold_rel_diff > 1e-4, 'the model is not chaotic enough to test this'
+    assert result.round_off_sensitivity > 1e-4 and result.layer_fold_rel_diff <= 1e-6
+    assert result.chaotic and result.ok, result.problems()
+
+
+@pytest.mark.parametrize('model, x', [(_Chaotic(), torch.randn(1, 16, 2, 2)), (_ReadsWeight(), torch.randn(4, 8))],
+                         ids=['chaotic', 'plain'])
+def test_check_catches_a_wrong_fold(model, x, monkeypatch):
+    import timm_dbp.utils.conformance as conformance
+
+    def wrong_fold(module):  # folds, then spoils every layer's weight by 1e-3 (relative)
+        folded = timm_dbp.fold(module)
+        with torch.no_grad():
+            for m in folded.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    m.weight.mul_(1.001)
+        return folded
+
+    monkeypatch.setattr(conformance, 'fold', wrong_fold)
+    torch.manual_seed(0)
+    result = check_decorrelate(model, x)
+    assert not result.ok and 'folded model differs' in result.problems()
