@@ -4,7 +4,9 @@
 (dbpsgd, dbpadamw, ...) with timm's optimizer registry.
 """
 from .analytic import RecursiveLeastSquares, fit_analytic_head
-from .layers import DecorConv2d, DecorLinear, decor_layers, decorrelate, fill_decor_matrices, fold, fold_state_dict
+from .layers import (
+    DecorConv2d, DecorLinear, decor_layers, decorrelate, fill_decor_matrices, fold, fold_state_dict, sketch_convs,
+    sketched_layers)
 from .models import *
 from .optim import DBP_DEFAULTS, NoDecorLayersWarning, is_dbp_optimizer, register_dbp_optimizer, with_dbp
 

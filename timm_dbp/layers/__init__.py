@@ -2,6 +2,8 @@ from .convert import decor_layers, decorrelate, fill_decor_matrices, fold, fold_
 from .decor_layers import (
     DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, DecorConv2d, DecorLayer, DecorLinear, find_decor_layer,
     sample_conv_patches, sample_pixels, sample_rows)
+from .sketched_conv import (
+    MaskedReLU, SketchedConv2d, SketchedConvMixin, SketchedDecorConv2d, sketch_convs, sketched_conv2d, sketched_layers)
 from .decorrelation import (
     DecorrelationStep, auto_kappa, decorrelation_loss, decorrelation_update_, fused_weight, kron_decorrelation_update_,
     offdiag_correlation)

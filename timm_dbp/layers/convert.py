@@ -18,6 +18,7 @@ from timm.layers import Linear as TimmLinear
 
 from .decor_layers import DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, DecorConv2d, DecorLayer, DecorLinear
 from .decorrelation import fused_weight
+from .sketched_conv import SketchedConv2d, SketchedDecorConv2d
 
 __all__ = ['decorrelate', 'fold', 'fold_state_dict', 'fill_decor_matrices', 'decor_layers']
 
@@ -56,7 +57,9 @@ def _to_dbp(
         module: nn.Module, name: str, exclude: Sequence[str], max_dim: Optional[int], conv: bool, linear: bool,
         structure: str,
 ):
-    if conv and type(module) is nn.Conv2d:
+    if conv and type(module) is SketchedConv2d:  # keeps its trace-estimated weight gradient
+        make = partial(_sketched_decor_conv, decor_structure=structure)
+    elif conv and type(module) is nn.Conv2d:
         make = partial(DecorConv2d.from_conv, decor_structure=structure)
     elif linear and type(module) in _CONVERTIBLE_LINEAR:
         make = DecorLinear.from_linear
@@ -67,6 +70,13 @@ def _to_dbp(
     if max_dim is not None and _decor_dim(module) > max_dim:
         return None
     return make(module)
+
+
+def _sketched_decor_conv(conv: SketchedConv2d, decor_structure: str) -> SketchedDecorConv2d:
+    layer = DecorConv2d.from_conv(conv, decor_structure=decor_structure)
+    layer.__class__ = SketchedDecorConv2d
+    layer.sketch_probes, layer.sketch_seed, layer.sketch_calls = conv.sketch_probes, conv.sketch_seed, 0
+    return layer
 
 
 def decorrelate(
@@ -80,7 +90,7 @@ def decorrelate(
     """Convert the Conv2d / Linear layers of `model` to DBP form in place (same function: R = I).
 
     Which layers: exact nn.Conv2d, nn.Linear and timm.layers.Linear (subclasses such as StdConv2d or Conv2dSame
-    change the maths and are left alone), except a layer whose parent's forward reads its weight directly (BEiT / EVA
+    change the maths and are left alone; a SketchedConv2d becomes a SketchedDecorConv2d), except a layer whose parent's forward reads its weight directly (BEiT / EVA
     attention's `F.linear(x, self.qkv.weight, ...)`: its R would never be applied). Norms, embeddings, tokens and
     every other module are left as they are. Weight and bias tensors are kept, not copied.
 
