@@ -16,11 +16,17 @@ hold everything for an exact resume; `--resume auto` continues the experiment's 
 `summary.csv` has timm's columns plus the DBP ones and the cumulative training wall-clock (`train_time`).
 With codecarbon installed (`pip install timm-dbp[energy]`) it also has the cumulative energy and emissions of the
 training epochs (`train_energy_kwh`, `train_co2_kg`; `--energy-country`, `--no-energy`).
+
+`--analytic-head` refits the classifier after training by least squares over the pooled features of the training
+images (eval transforms, no augmentation), `--analytic-head-only` does that on the backbone as built or loaded
+without any gradient training; both log the accuracy before and after and write `analytic_head.json` and
+`analytic_head.pth.tar` (timm_dbp.fit_analytic_head).
 """
 import argparse
 import difflib
 import importlib
 import inspect
+import json
 import logging
 import os
 import sys
@@ -47,6 +53,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import timm_dbp
+from timm_dbp.analytic import analytic_classifier
 from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
 from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
 from timm_dbp.utils.checkpoint import (
@@ -60,6 +67,14 @@ _logger = logging.getLogger('train')
 def _kappa(value: str):
     """--kappa: a number, or 'auto'."""
     return value if value == 'auto' else float(value)
+
+
+def _non_negative(value: str) -> float:
+    """--analytic-ridge: a number >= 0."""
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
+    return number
 
 
 config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
@@ -228,6 +243,16 @@ group.add_argument('--model-ema', action='store_true', default=False, help='Enab
 group.add_argument('--model-ema-force-cpu', action='store_true', default=False, help='Keep the EMA on CPU')
 group.add_argument('--model-ema-decay', type=float, default=0.9998, help='Decay factor for model weights moving average')
 group.add_argument('--model-ema-warmup', action='store_true', help='Enable warmup for model EMA decay.')
+
+# Analytic head (least-squares classifier over the pooled features, timm_dbp.fit_analytic_head)
+group = parser.add_argument_group('Analytic head parameters')
+group.add_argument('--analytic-head', action='store_true', default=False,
+                   help='after training, refit the classifier by least squares over the training images\' features; '
+                        'logs accuracy before / after, writes analytic_head.json and analytic_head.pth.tar')
+group.add_argument('--analytic-head-only', action='store_true', default=False,
+                   help='no gradient training: fit the classifier alone on the backbone as built / loaded')
+group.add_argument('--analytic-ridge', type=_non_negative, default=1e-3, metavar='RIDGE',
+                   help='L2 penalty on the analytic head\'s weight (default: 1e-3; 0 = minimum-norm least squares)')
 
 # Misc
 group = parser.add_argument_group('Miscellaneous parameters')
@@ -484,6 +509,11 @@ def main(argv=None):
         args.num_classes = model.num_classes
     if args.initial_checkpoint:
         load_weights(model, args.initial_checkpoint)
+    if args.analytic_head or args.analytic_head_only:
+        try:
+            analytic_classifier(model)
+        except ValueError as e:
+            raise UserError(f'--analytic-head: {e}') from None
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     if is_main:
@@ -591,13 +621,11 @@ def main(argv=None):
         use_multi_epochs_loader=args.use_multi_epochs_loader, worker_seeding=args.worker_seeding,
         persistent_workers=False,
     )
-    loader_eval = create_loader(
-        dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
-        is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
-        crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=use_prefetcher,
-        persistent_workers=False,
-    )
+    loader_eval = _eval_loader(dataset_eval, args, data_config, device)
+    loader_fit = None
+    if args.analytic_head or args.analytic_head_only:  # the training images with eval transforms: no aug, no mixup
+        loader_fit = _eval_loader(build_dataset(args, args.train_split, False, args.train_num_samples), args,
+                                  data_config, device)
 
     # Loss
     if mixup_active:
@@ -634,7 +662,8 @@ def main(argv=None):
     if checkpoint is not None:
         set_rng_state(checkpoint.get('rng_state'))
 
-    meter = _energy_meter(args, checkpoint, resume_path, is_main, epochs_to_run=start_epoch < num_epochs)
+    train_epochs = range(0) if args.analytic_head_only else range(start_epoch, num_epochs)
+    meter = _energy_meter(args, checkpoint, resume_path, is_main, epochs_to_run=len(train_epochs) > 0)
 
     output_dir = None
     if is_main:
@@ -647,9 +676,10 @@ def main(argv=None):
         _logger.info(f'Output: {output_dir}; scheduled epochs: {num_epochs}')
 
     run_start = time.time()
-    if start_epoch >= num_epochs and is_main:
+    eval_metrics = None  # of the last epoch trained in this run
+    if start_epoch >= num_epochs and not args.analytic_head_only and is_main:
         _logger.info(f'Nothing to do: checkpoint is at epoch {start_epoch - 1}, the run has {num_epochs} epochs.')
-    for epoch in range(start_epoch, num_epochs):
+    for epoch in train_epochs:
         if hasattr(dataset_train, 'set_epoch'):
             dataset_train.set_epoch(epoch)
         elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
@@ -713,9 +743,52 @@ def main(argv=None):
             _logger.info(f'*** Energy of the training epochs: {meter.kwh:.4g} kWh, {meter.co2_kg:.4g} kg CO2eq '
                          f'({meter.country_iso_code} grid; codecarbon, whole machine of rank 0; '
                          f'{meter.method or "no epoch measured in this process"})')
+    if loader_fit is not None:
+        refit_analytic_head(model, loader_fit, loader_eval, validate_loss_fn, args, device, amp_autocast, output_dir,
+                            epoch=start_epoch - 1 if args.analytic_head_only else num_epochs - 1, before=eval_metrics)
     if args.distributed:
         torch.distributed.destroy_process_group()
     return best_metric
+
+
+def _eval_loader(dataset, args, data_config, device):
+    """timm's eval loader (no augmentation) of `dataset`: the validation set, and the analytic head's fit data."""
+    return create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device,
+        use_prefetcher=args.prefetcher_in_use, persistent_workers=False,
+    )
+
+
+def refit_analytic_head(
+        model, loader_fit, loader_eval, loss_fn, args, device, amp_autocast, output_dir, epoch, before=None):
+    """--analytic-head(-only): evaluate (unless `before` has the last epoch's evaluation), set the classifier to the
+    least-squares fit over `loader_fit`, evaluate again.
+
+    Rank 0 writes both evaluations and the fit to analytic_head.json and the refitted model to analytic_head.pth.tar
+    (atomic, loadable by validate.py / --initial-checkpoint). Every rank fits (the factors are merged across ranks).
+    """
+    if before is None:
+        before = validate(model, loader_eval, loss_fn, args, device, amp_autocast, log_suffix=' (before analytic head)')
+    fit = timm_dbp.fit_analytic_head(model, loader_fit, ridge=args.analytic_ridge, device=device,
+                                     amp_autocast=amp_autocast, channels_last=args.channels_last)
+    after = validate(model, loader_eval, loss_fn, args, device, amp_autocast, log_suffix=' (analytic head)')
+    if args.rank != 0:
+        return
+    _logger.info(f'*** Analytic head (ridge {args.analytic_ridge:g}, {fit["num_samples"]} training images, '
+                 f'{fit["seconds"]:.1f}s): {args.eval_metric} {before[args.eval_metric]:.3f} -> '
+                 f'{after[args.eval_metric]:.3f}')
+    report = dict(before=before, after=after, fit=fit, fit_data=f'{args.train_split} split, eval transforms',
+                  head_only=args.analytic_head_only)
+    path = os.path.join(output_dir, 'analytic_head.json')
+    with open(f'{path}.tmp', 'w') as f:
+        json.dump(report, f, indent=2)
+    os.replace(f'{path}.tmp', path)
+    save_atomic(dict(epoch=epoch, arch=args.model, args=args, state_dict=model.state_dict(),
+                     metric=after[args.eval_metric], analytic_head=report, version=2),
+                os.path.join(output_dir, 'analytic_head.pth.tar'))
 
 
 def _energy_meter(args, checkpoint, source: str, is_main: bool, epochs_to_run: bool):

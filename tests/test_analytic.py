@@ -1,6 +1,5 @@
 """ Analytic least-squares head: the recursive solver equals the whole-batch solution, bounded memory, clear errors """
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ from torch import nn
 import timm
 import timm_dbp
 from timm_dbp import RecursiveLeastSquares, fit_analytic_head
+
+from test_distributed import _free_port
 
 
 def _problem(case: str, seed: int = 0):
@@ -100,12 +101,6 @@ def test_merge_equals_one_solver_fed_all_rows():
         torch.testing.assert_close(merged, single, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match='cannot merge'):
         first.merge(RecursiveLeastSquares(12, 4, bias=False))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _all_reduce_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -256,3 +251,54 @@ def test_fit_analytic_head_bad_data():
     with pytest.raises(ValueError, match='ridge'):
         fit_analytic_head(model, [(images, torch.tensor([0, 1, 2, 0]))], ridge=-1.0)
     assert torch.equal(model.get_classifier().weight, before)  # a refused fit changes nothing
+
+
+@pytest.mark.parametrize('flag', ['--analytic-head', '--analytic-head-only'])
+def test_train_py_refits_the_head_and_reports_before_and_after(tiny_fmnist, tmp_path, flag):
+    import json
+    import train
+    from test_train import _args
+    argv = _args(tiny_fmnist, str(tmp_path), 'analytic', '--epochs', '1', '--train-num-samples', '64',
+                 '--val-num-samples', '64', flag, '--analytic-ridge', '0.01')
+    assert train.run(argv) == 0
+    exp = tmp_path / 'train' / 'analytic'
+    report = json.loads((exp / 'analytic_head.json').read_text())
+    assert report['fit']['num_samples'] == 64 and report['fit']['ridge'] == 0.01
+    assert report['head_only'] == (flag == '--analytic-head-only')
+    # 4 classes told apart by one bright band: least squares on the features separates them better than chance
+    assert report['after']['top1'] > 50 and report['after']['top1'] != report['before']['top1']
+    trained = (exp / 'last.pth.tar').exists()
+    assert trained == (flag == '--analytic-head')  # head-only runs no training epoch and writes no epoch checkpoint
+    checkpoint = torch.load(exp / 'analytic_head.pth.tar', weights_only=False)
+    state = checkpoint['state_dict']
+    assert torch.equal(state['fc.decor_matrix'], torch.eye(state['fc.weight'].shape[1]))
+    if trained:  # the refit changes the classifier and nothing else
+        last = torch.load(exp / 'last.pth.tar', weights_only=False)['state_dict']
+        changed = {k for k, v in state.items() if not torch.equal(v, last[k])}
+        assert changed <= {'fc.weight', 'fc.bias', 'fc.decor_matrix'} and 'fc.weight' in changed
+
+
+def test_train_py_refuses_a_negative_ridge_and_a_model_without_classifier(tiny_fmnist, tmp_path, capsys):
+    import train
+    from test_train import _args, _error_of
+    with pytest.raises(SystemExit) as e:
+        train.run(_args(tiny_fmnist, str(tmp_path), 'x', '--analytic-head', '--analytic-ridge', '-1'))
+    assert e.value.code == 2 and 'must be >= 0' in capsys.readouterr().err
+    err = _error_of(capsys, _args(tiny_fmnist, str(tmp_path), 'x', '--analytic-head-only', '--num-classes', '0',
+                                  '--opt', 'sgd'))
+    assert 'analytic-head' in err and 'Identity' in err
+
+
+@pytest.mark.slow
+def test_train_py_under_torchrun_fits_one_head_on_all_shards(tiny_fmnist, tmp_path):
+    import train
+    from test_train import _args, run_torchrun
+    argv = _args(tiny_fmnist, str(tmp_path), 'one', '--analytic-head-only', '--train-num-samples', '64',
+                 '--val-num-samples', '64')
+    assert train.run(argv) == 0
+    run_torchrun(_args(tiny_fmnist, str(tmp_path), 'two', *argv[argv.index('--analytic-head-only'):]))
+    one, two = (torch.load(tmp_path / 'train' / name / 'analytic_head.pth.tar', weights_only=False) for name in
+                ('one', 'two'))
+    assert two['analytic_head']['fit']['num_samples'] == 64  # 32 per rank, merged
+    for key in ('fc.weight', 'fc.bias'):
+        torch.testing.assert_close(two['state_dict'][key], one['state_dict'][key], rtol=1e-4, atol=1e-4)

@@ -167,15 +167,21 @@ def test_yaml_config_unknown_key_warns_invalid_value_refused(tiny_fmnist, tmp_pa
     assert e.value.code == 2
 
 
-def test_torchrun_two_cpu_processes(tiny_fmnist, tmp_path):
+def run_torchrun(argv, nproc=2):
+    """train.py under torchrun with `nproc` CPU processes; asserts that it succeeded, returns stdout + stderr."""
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(root, 'train.py'), *_args(tiny_fmnist, str(tmp_path), 'ddp', '--epochs', '1', '--device', 'cpu')]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           os.path.join(root, 'train.py'), *argv, '--device', 'cpu']
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 'process 1 of 2' in proc.stderr or 'process 1 of 2' in proc.stdout
+    assert f'process {nproc - 1} of {nproc}' in proc.stderr + proc.stdout
+    return proc.stderr + proc.stdout
+
+
+def test_torchrun_two_cpu_processes(tiny_fmnist, tmp_path):
+    run_torchrun(_args(tiny_fmnist, str(tmp_path), 'ddp', '--epochs', '1'))
     ckpt = _last(str(tmp_path), 'ddp')
     assert ckpt['optimizer']['dbp']['step'] == 4  # 256 images / (2 ranks x 32)
     assert any(not torch.equal(v, torch.eye(len(v))) for k, v in ckpt['state_dict'].items() if k.endswith('decor_matrix'))
