@@ -21,6 +21,10 @@ training epochs (`train_energy_kwh`, `train_co2_kg`; `--energy-country`, `--no-e
 images (eval transforms, no augmentation), `--analytic-head-only` does that on the backbone as built or loaded
 without any gradient training; both log the accuracy before and after and write `analytic_head.json` and
 `analytic_head.pth.tar` (timm_dbp.fit_analytic_head).
+
+`--sketch-probes R` trains every conv with trace-estimated kernel gradients from R random probe vectors (XConv,
+timm_dbp.sketch_convs): exact forward and input gradients, an unbiased estimate of each conv's weight gradient, and
+much less activation memory (the ReLUs keep bool masks). Combinable with DBP models and optimizers.
 """
 import argparse
 import difflib
@@ -51,6 +55,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import unwrap_model
 
 import timm_dbp
 from timm_dbp.analytic import analytic_classifier
@@ -67,6 +72,14 @@ _logger = logging.getLogger('train')
 def _kappa(value: str):
     """--kappa: a number, or 'auto'."""
     return value if value == 'auto' else float(value)
+
+
+def _positive_int(value: str) -> int:
+    """--sketch-probes: an integer >= 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {value}')
+    return number
 
 
 def _non_negative(value: str) -> float:
@@ -162,6 +175,11 @@ group.add_argument('--kappa', type=_kappa, default=None,
                    help="0 = decorrelate, 1 = normalise variances, 'auto' = chosen per layer from the measured errors")
 group.add_argument('--decor-samples', type=int, default=None, help='inputs sampled per layer per R update')
 group.add_argument('--decor-interval', type=int, default=None, help='update R every k optimizer steps')
+
+# Low-memory conv gradients (XConv: multi-channel randomized trace estimation, timm_dbp.sketch_convs)
+group = parser.add_argument_group('Low-memory gradient parameters')
+group.add_argument('--sketch-probes', type=_positive_int, default=None, metavar='R',
+                   help='trace-estimate every conv kernel gradient from R probe vectors (XConv; default: exact)')
 
 # Learning rate schedule parameters
 group = parser.add_argument_group('Learning rate schedule parameters')
@@ -514,12 +532,19 @@ def main(argv=None):
             analytic_classifier(model)
         except ValueError as e:
             raise UserError(f'--analytic-head: {e}') from None
+    if args.sketch_probes is not None:
+        try:
+            timm_dbp.sketch_convs(model, probes=args.sketch_probes, seed=args.seed)
+        except ValueError as e:
+            raise UserError(f'--sketch-probes: {e}') from None
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     if is_main:
         n_dbp = len(list(timm_dbp.decor_layers(model)))
+        n_sketched = len(list(timm_dbp.sketched_layers(model)))
         _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
-                     f'{sum(m.numel() for m in model.parameters())}, DBP layers: {n_dbp}')
+                     f'{sum(m.numel() for m in model.parameters())}, DBP layers: {n_dbp}'
+                     + (f', sketched convs: {n_sketched} ({args.sketch_probes} probes)' if n_sketched else ''))
 
     data_config = resolve_data_config(vars(args), model=model, verbose=is_main)
 
@@ -569,6 +594,9 @@ def main(argv=None):
             if loss_scaler is not None and 'scaler' in checkpoint:
                 loss_scaler.load_state_dict(checkpoint['scaler'])
         start_epoch = checkpoint['epoch'] + 1
+        calls = checkpoint.get('sketch_calls') or {}  # where each sketched conv's probe stream was: an exact resume
+        for name, layer in timm_dbp.sketched_layers(model):
+            layer.sketch_calls = calls.get(name, 0)
         best_metric, best_epoch = checkpoint.get('best_metric'), checkpoint.get('best_epoch')
         train_time = checkpoint.get('train_time', 0.0)
         kept_checkpoints = [tuple(item) for item in checkpoint.get('kept_checkpoints', [])]
@@ -731,7 +759,8 @@ def main(argv=None):
                 metric=metric, best_metric=best_metric, best_epoch=best_epoch, train_time=train_time,
                 train_energy_kwh=meter.kwh if meter is not None else None,
                 train_co2_kg=meter.co2_kg if meter is not None else None,
-                rng_state=rng_state(), kept_checkpoints=kept_checkpoints, version=2)
+                rng_state=rng_state(), kept_checkpoints=kept_checkpoints, version=2,
+                sketch_calls={name: layer.sketch_calls for name, layer in timm_dbp.sketched_layers(unwrap_model(model))})
             _save_checkpoints(state, output_dir, best_epoch == epoch, args.checkpoint_hist)
             kept_checkpoints = state['kept_checkpoints']
 

@@ -48,6 +48,10 @@ METHODS = {
     'dbp_kron_k05': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0.5']),
     'dbp_kron_kauto': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', 'auto']),
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
+    # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
+    **{f'xconv{r}_sgd': ('', 'sgd', 0.05, ['--sketch-probes', str(r)]) for r in (2, 8, 32)},
+    'dbp_xconv8': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0',
+                                            '--sketch-probes', '8']),
 }
 DEFAULT_METHODS = ['bp_sgd', 'bp_adamw', 'bp_muon', 'bp_kron', 'bp_adopt', 'dbp_full', 'dbp_channel', 'dbp_kron',
                    'dbp_kron_k05', 'dbp_kron_kauto']

@@ -59,14 +59,18 @@ def test_dbp_training_learns_R_and_logs_dbp_columns(tiny_fmnist, tmp_path):
     assert files == ['args.yaml', f'checkpoint-{best}.pth.tar', 'last.pth.tar', 'model_best.pth.tar', 'summary.csv']
 
 
-def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):
+@pytest.mark.parametrize('extra', [[], ['--sketch-probes', '4']], ids=['dbp', 'dbp-xconv'])
+def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch, extra):
     out = str(tmp_path)
-    assert train.run(_args(tiny_fmnist, out, 'straight')) == 0
+    assert train.run(_args(tiny_fmnist, out, 'straight', *extra)) == 0
 
     # the same run, stopped (killed) when the second epoch starts, then resumed in place with --resume auto
-    run_stopped_at_second_epoch(monkeypatch, _args(tiny_fmnist, out, 'stopped'))
+    run_stopped_at_second_epoch(monkeypatch, _args(tiny_fmnist, out, 'stopped', *extra))
     assert _last(out, 'stopped')['epoch'] == 0
-    assert train.run(_args(tiny_fmnist, out, 'stopped', '--resume', 'auto')) == 0
+    assert train.run(_args(tiny_fmnist, out, 'stopped', '--resume', 'auto', *extra)) == 0
+    if extra:  # the probe streams continue where they were (8 training steps an epoch; 2 x 2 maps run exact)
+        calls = _last(out, 'stopped')['sketch_calls']
+        assert calls == _last(out, 'straight')['sketch_calls'] and max(calls.values()) == 16
 
     straight, resumed = _summary(out, 'straight'), _summary(out, 'stopped')
     for key in ('train_loss', 'eval_loss', 'eval_top1', 'train_decor_corr', 'train_decor_loss', 'lr'):
@@ -231,6 +235,13 @@ def test_auto_kappa_and_structured_R_from_the_command_line(tiny_fmnist, tmp_path
     state = _last(str(tmp_path), 'auto')['state_dict']
     assert state['layer1.0.conv1.decor_matrix'].shape[0] == state['layer1.0.conv1.weight'].shape[1]  # channel factor
     assert ('layer1.0.conv1.decor_spatial' in state) == (structure == 'kron')
+
+
+@pytest.mark.parametrize('value', ['0', '-2', 'x'])
+def test_bad_sketch_probes(tiny_fmnist, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        train.run(_args(tiny_fmnist, str(tmp_path), 'x', '--sketch-probes', value))
+    assert exit_info.value.code == 2 and '--sketch-probes' in capsys.readouterr().err
 
 
 def test_bad_schedule_is_one_line(tiny_fmnist, tmp_path, capsys):
