@@ -71,3 +71,18 @@ def test_time_to_accuracy_smoke(tmp_path):
                  '--epochs', '1', '--train-num-samples', '128', '--val-num-samples', '128',
                  '--runs-dir', str(tmp_path / 'runs'), '--out', str(tmp_path / 't2'))
     assert '===' not in again
+
+
+@pytest.mark.skipif(not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'),
+                    reason='needs dataset-fashion-mnist (scripts/install.sh installs it)')
+def test_analytic_head_smoke(tmp_path):
+    out = _run('analytic_head.py', '--train-num-samples', '256', '--val-num-samples', '128', '--brief-num-samples',
+               '128', '--full-epochs', '1', '--probe-epochs', '1', '--ridges', '0', '1', '--runs-dir',
+               str(tmp_path / 'runs'), '--out', str(tmp_path / 'a'))
+    rows = json.loads((tmp_path / 'a.json').read_text())['rows']
+    assert [r['backbone'] for r in rows] == ['random', 'brief', 'full']
+    for row in rows:
+        assert [a['ridge'] for a in row['analytic']] == [0.0, 1.0] and row['fit_samples'] == 256
+        assert all(0 <= a['top1'] <= 100 and a['seconds'] > 0 for a in row['analytic'])
+        assert len(row['probe']['curve']) == 1 and row['analytic_e2e']['ridge'] == 1e-3
+    assert (tmp_path / 'a.png').exists() and 'linear probe' in out
