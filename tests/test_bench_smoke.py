@@ -46,6 +46,15 @@ def test_step_cost_with_dbp_settings_smoke(tmp_path):
     assert 0 < data['results'][0]['decor_state_mib'] < 1
 
 
+def test_sketched_conv_smoke(tmp_path):
+    _run('sketched_conv.py', '--models', 'test_resnet:32:4', '--probes', '2', '--dbp-probes', '2', '--steps', '1',
+         '--repeats', '1', '--out', str(tmp_path / 's'))
+    row = json.loads((tmp_path / 's.json').read_text())['results'][0]
+    assert set(row['variants']) == {'bp', 'relu_masks', 'xconv2', 'dbp_xconv2'}
+    assert row['variants']['xconv2']['activation_bytes'] < row['variants']['bp']['activation_bytes']
+    assert (tmp_path / 's.png').exists()
+
+
 def test_memory_smoke(tmp_path):
     _run('memory.py', '--models', 'test_resnet', '--img-size', '32', '-b', '2', '--steps', '1',
          '--out', str(tmp_path / 'm'))
