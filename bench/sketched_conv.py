@@ -5,12 +5,13 @@ what the masks alone save), `xconv<r>` (sketch_convs with r probes: sketched con
 `dbp_xconv<r>` (the dbp_ twin, sketched: DBP + XConv).
 Per variant:
     activations   bytes autograd keeps for backward (distinct storages, parameters excluded): exact, no timing
-    peak          CPU: peak resident size (ru_maxrss) minus the resident size after building model, optimizer and
-                  batch (what training adds); CUDA: max_memory_allocated minus allocated after building.
-                  Each variant runs --steps steps (SGD / dbpsgd) in its own process, on CPU with glibc's
-                  MALLOC_MMAP_THRESHOLD_=65536: by default glibc raises its mmap threshold after the first large
-                  free and then serves activations from its heap, which it does not give back, so ru_maxrss is the
-                  allocator's high-water mark (measured: resnet18 b64 224 px, +2623 MiB for every variant alike).
+    peak          CPU: the process's own peak resident size (VmHWM) minus the resident size after building model,
+                  optimizer and batch (what training adds); CUDA: max_memory_allocated minus allocated after
+                  building. Each variant runs --steps steps (SGD / dbpsgd) in its own process, on CPU with glibc's
+                  MALLOC_MMAP_THRESHOLD_=65536 (by default glibc raises its mmap threshold after the first large
+                  free and then serves activations from its heap, which it does not give back). Not ru_maxrss: a
+                  child started by fork + exec inherits its parent's maximum there (this script's parent holds every
+                  variant), which made the first two runs print one peak for every variant.
     step time     one process, variants interleaved (A B C ... A B C ...), --repeats timed steps each after one
                   warm-up step; the median and the ratio to bp's median.
     grad error    |estimated - exact| / |exact| of all conv kernel gradients together, one batch, per r.
@@ -21,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -90,9 +90,11 @@ def activation_bytes(model, x, y) -> int:
     return sum(storages.values())
 
 
-def rss_bytes() -> int:
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+def rss_bytes(field: str = 'VmRSS') -> int:
+    """This process's resident size now (VmRSS) or its own peak (VmHWM), from /proc/self/status."""
+    with open('/proc/self/status') as f:
+        line = next(line for line in f if line.startswith(field + ':'))
+    return int(line.split()[1]) * 1024  # kB
 
 
 def child(args) -> None:
@@ -104,10 +106,7 @@ def child(args) -> None:
     built = torch.cuda.memory_allocated() if device.type == 'cuda' else rss_bytes()
     for _ in range(args.steps):
         train_step(model, opt, x, y)
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = torch.cuda.max_memory_allocated() if device.type == 'cuda' else rss_bytes('VmHWM')
     print(json.dumps(dict(built=built, peak=peak, training=peak - built)))
 
 
@@ -165,7 +164,7 @@ def main():
                 repeats=args.repeats, cpu_count=os.cpu_count(), date=time.strftime('%Y-%m-%d'),
                 command='python bench/sketched_conv.py ' + ' '.join(sys.argv[1:]),
                 measure='cuda max_memory_allocated' if device.type == 'cuda' else
-                'ru_maxrss - rss after build (MALLOC_MMAP_THRESHOLD_=65536)')
+                'VmHWM - VmRSS after build (MALLOC_MMAP_THRESHOLD_=65536)')
     if args.out:
         with open(f'{args.out}.json', 'w') as f:
             json.dump(dict(meta=meta, results=results), f, indent=1)
