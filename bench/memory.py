@@ -3,7 +3,7 @@
 Part 1, DBP state: the bytes of every R buffer (all factors) of dbp_<model> for each structure, counted on the meta
 device (exact, no allocation), next to the model's own parameter bytes.
 Part 2, peak training memory: each variant trains --steps steps in a fresh subprocess (SGD / dbpsgd, random data).
-CPU: peak resident set size (ru_maxrss) minus the resident size after the model, optimizer and batch were built,
+CPU: the process's own peak resident size (VmHWM) minus the resident size after the model, optimizer and batch were built,
 so the figure is what training adds (activations, gradients, optimizer state, DBP samples and update
 temporaries), plus the total. CUDA: torch.cuda.max_memory_allocated after the steps, and after building.
 
@@ -11,8 +11,6 @@ temporaries), plus the total. CUDA: torch.cuda.max_memory_allocated after the st
 """
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 
@@ -22,6 +20,8 @@ import torch.nn.functional as F
 
 import timm_dbp  # noqa: F401  registers dbp_ models and optimizers
 from timm_dbp import decor_layers
+
+from _proc import rss_bytes  # bench/_proc.py
 
 STRUCTURES = ('full', 'channel', 'kron')
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,11 +41,6 @@ def state_bytes(model_name):
     dbp = {s: sum(layer.decor_state_bytes for _, layer in decor_layers(
         timm.create_model(f'dbp_{model_name}', device='meta', dbp_structure=s))) for s in STRUCTURES}
     return params, dbp
-
-
-def rss_bytes():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
 def child(args, model_name, structure):
@@ -68,7 +63,7 @@ def child(args, model_name, structure):
     if device.type == 'cuda':
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak = rss_bytes('VmHWM')
     print(json.dumps(dict(built=built, peak=peak, training=peak - built)))
 
 
@@ -95,7 +90,7 @@ def main():
             print(f'    {name:>8}: peak {p["peak"] / mib:8.1f} MiB, training adds {p["training"] / mib:8.1f} MiB '
                   f'({p["training"] / bp_train:.2f}x BP)', flush=True)
     meta = dict(device=args.device, torch=torch.__version__, timm=timm.__version__, steps=args.steps,
-                measure='cuda max_memory_allocated' if args.device.startswith('cuda') else 'ru_maxrss - rss after build')
+                measure='cuda max_memory_allocated' if args.device.startswith('cuda') else 'VmHWM - VmRSS after build')
     if args.out:
         with open(f'{args.out}.json', 'w') as f:
             json.dump(dict(meta=meta, results=results, code=open(__file__).read()), f, indent=1)

@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import timm_dbp
+import timm_dbp  # noqa: F401  registers the dbp_ models
 from timm_dbp.layers import MaskedReLU, sketch_convs, sketched_layers
+
+from _proc import rss_bytes  # bench/_proc.py
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--models', nargs='+', default=['resnet18:224:64', 'resnet50:224:32'],
@@ -88,13 +90,6 @@ def activation_bytes(model, x, y) -> int:
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(storages.values())
-
-
-def rss_bytes(field: str = 'VmRSS') -> int:
-    """This process's resident size now (VmRSS) or its own peak (VmHWM), from /proc/self/status."""
-    with open('/proc/self/status') as f:
-        line = next(line for line in f if line.startswith(field + ':'))
-    return int(line.split()[1]) * 1024  # kB
 
 
 def child(args) -> None:
