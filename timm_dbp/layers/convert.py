@@ -18,7 +18,7 @@ from timm.layers import Linear as TimmLinear
 
 from .decor_layers import DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, DecorConv2d, DecorLayer, DecorLinear
 from .decorrelation import fused_weight
-from .sketched_conv import SketchedConv2d, SketchedDecorConv2d
+from .sketched_conv import SketchedConv2d, SketchedDecorConv2d, make_sketched
 
 __all__ = ['decorrelate', 'fold', 'fold_state_dict', 'fill_decor_matrices', 'decor_layers']
 
@@ -73,10 +73,8 @@ def _to_dbp(
 
 
 def _sketched_decor_conv(conv: SketchedConv2d, decor_structure: str) -> SketchedDecorConv2d:
-    layer = DecorConv2d.from_conv(conv, decor_structure=decor_structure)
-    layer.__class__ = SketchedDecorConv2d
-    layer.sketch_probes, layer.sketch_seed, layer.sketch_calls = conv.sketch_probes, conv.sketch_seed, 0
-    return layer
+    return make_sketched(DecorConv2d.from_conv(conv, decor_structure=decor_structure), conv.sketch_probes,
+                         conv.sketch_seed)
 
 
 def decorrelate(

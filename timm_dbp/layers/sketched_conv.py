@@ -30,6 +30,7 @@ output, which torch's ReLU keeps for its own backward. So `sketch_convs` also gi
 keeps the mask y > 0 (1 byte a number instead of 4; the same outputs and gradients): without it a sketched
 ResNet keeps as much as an exact one (measured in docs/BENCHMARKS.md).
 """
+from fnmatch import fnmatch
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -191,6 +192,13 @@ class MaskedReLU(nn.ReLU):
 _SKETCHED = {nn.Conv2d: SketchedConv2d, DecorConv2d: SketchedDecorConv2d}
 
 
+def make_sketched(conv: nn.Conv2d, probes: int, seed: int) -> SketchedConvMixin:
+    """Turn an nn.Conv2d / DecorConv2d (or a sketched one) into its sketched class in place, probe stream at 0."""
+    conv.__class__ = _SKETCHED.get(type(conv), type(conv))
+    conv.sketch_probes, conv.sketch_seed, conv.sketch_calls = probes, seed, 0
+    return conv
+
+
 def _check_probes(probes) -> None:
     if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
         raise ValueError(f'probes must be an integer >= 1, got {probes!r}')
@@ -211,7 +219,6 @@ def sketch_convs(
     usual). Conv subclasses with their own forward (timm's Conv2dSame, StdConv2d, ...) stay exact; `exclude` takes
     fnmatch patterns of module names to leave exact as well. Layer i draws its probes from seed `seed` + i.
     """
-    from fnmatch import fnmatch
     _check_probes(probes)
     found = 0
     for index, (name, module) in enumerate(model.named_modules()):
@@ -222,8 +229,7 @@ def sketch_convs(
             module.__class__ = MaskedReLU
         if cls not in _SKETCHED and cls not in _SKETCHED.values():
             continue
-        module.__class__ = _SKETCHED.get(cls, cls)
-        module.sketch_probes, module.sketch_seed, module.sketch_calls = probes, seed + index, 0
+        make_sketched(module, probes, seed + index)
         found += 1
     if found == 0:
         raise ValueError(f'{type(model).__name__} has no nn.Conv2d or DecorConv2d to sketch')
