@@ -325,7 +325,14 @@ class DecorLinear(DecorLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.decor_samples > 0:
             self._store_decor_inputs(x)
-        return F.linear(x, self.decorrelated_weight(), self.bias)
+        weight = self.decorrelated_weight()
+        if self.weight.requires_grad and not weight.requires_grad:  # under no_grad: see below
+            # torch's linear on a non-contiguous (B, N, C) input picks its matmul kernel by whether the weight
+            # requires grad (folding the batch dims or not; a view of a flagged tensor does not count), and the two
+            # kernels round differently; flag W R like the plain layer's W so that at R = I this layer stays
+            # bit-identical to nn.Linear under no_grad too (no graph is built)
+            weight.requires_grad_()
+        return F.linear(x, weight, self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> 'DecorLinear':
