@@ -89,6 +89,8 @@ class DBPMixin:
         self.dbp_step = 0  # optimizer steps taken (saved in state_dict)
         # seed of the sampling stream (saved in state_dict); from the process seed, no draw from the global RNG
         self.dbp_seed = (torch.initial_seed() * 0x9E3779B1 + 12345) % _SEED_MOD
+        self.dbp_layer_offset = 0  # index of this optimizer's first DBP layer in the whole model (pipeline stages)
+        self.dbp_all_gather: Optional[bool] = None  # all-gather samples across ranks; None: when data-parallel
         self._routes: Optional[List[Tuple[DecorLayer, Dict[str, Any]]]] = None
         self._arm_layers()
 
@@ -141,11 +143,21 @@ class DBPMixin:
         for index, (layer, group) in enumerate(self.dbp_routes()):
             updates_next = self.dbp_step % group['decor_interval'] == 0
             layer.decor_samples = group['decor_samples'] if updates_next and group['decor_lr'] > 0 else 0
-            layer.decor_seed = (self.dbp_seed + 1_000_003 * self.dbp_step + 7919 * index) % _SEED_MOD
+            layer.decor_seed = (self.dbp_seed + 1_000_003 * self.dbp_step + 7919 * (self.dbp_layer_offset + index)
+                                ) % _SEED_MOD
+
+    def dbp_pipeline_stage(self, layer_offset: int, seed: int) -> None:
+        """Make this the optimizer of one pipeline stage (timm_dbp.pipeline): its layers are the whole model's DBP
+        layers from number `layer_offset` on, sampled with the whole model's seeds (`seed` is the same on every
+        stage), and samples are never all-gathered (the other ranks hold other layers)."""
+        self.dbp_layer_offset, self.dbp_seed, self.dbp_all_gather = layer_offset, seed % _SEED_MOD, False
+        self._arm_layers()
 
     @torch.no_grad()
     def _update_decorrelation(self) -> None:
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = self.dbp_all_gather
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         for layer, group in self.dbp_routes():
             inputs = layer.take_decor_inputs()
             if inputs is None or group['decor_lr'] == 0 or (self.dbp_step - 1) % group['decor_interval'] != 0:
@@ -210,12 +222,15 @@ class DBPMixin:
     def __getstate__(self) -> Dict[str, Any]:
         # torch keeps only defaults / state / param_groups; layers are found again from the (copied) parameters
         return dict(super().__getstate__(), dbp_step=self.dbp_step, dbp_seed=self.dbp_seed,
-                    dbp_verbose=self.dbp_verbose)
+                    dbp_verbose=self.dbp_verbose, dbp_layer_offset=self.dbp_layer_offset,
+                    dbp_all_gather=self.dbp_all_gather)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault('dbp_step', 0)
         self.__dict__.setdefault('dbp_seed', 0)
+        self.__dict__.setdefault('dbp_layer_offset', 0)
+        self.__dict__.setdefault('dbp_all_gather', None)
         self.__dict__.setdefault('dbp_verbose', False)
         self._routes = None
 
