@@ -22,6 +22,10 @@ images (eval transforms, no augmentation), `--analytic-head-only` does that on t
 without any gradient training; both log the accuracy before and after and write `analytic_head.json` and
 `analytic_head.pth.tar` (timm_dbp.fit_analytic_head).
 
+`--decoupled K` trains the model as a pipeline of K stages, one per process (torchrun --nproc_per_node=K), on
+delayed gradients (timm_dbp.pipeline: FDG, and ADL with --grad-accum-steps M): `--decoupled-delay 0` is locked
+backpropagation (bit-identical to one process), 1 (default) lets every stage work all the time.
+
 `--sketch-probes R` trains every conv with trace-estimated kernel gradients from R random probe vectors (XConv,
 timm_dbp.sketch_convs): exact forward and input gradients, an unbiased estimate of each conv's weight gradient, and
 much less activation memory (the ReLUs keep bool masks). Combinable with DBP models and optimizers.
@@ -39,6 +43,7 @@ import warnings
 from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -61,6 +66,7 @@ import timm_dbp
 from timm_dbp.analytic import analytic_classifier
 from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
 from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
+from timm_dbp.pipeline import DecoupledTrainer, split_model
 from timm_dbp.utils.checkpoint import (
     CheckpointError, copy_atomic, load_checkpoint_file, rng_state, save_atomic, set_rng_state,
 )
@@ -75,10 +81,18 @@ def _kappa(value: str):
 
 
 def _positive_int(value: str) -> int:
-    """--sketch-probes: an integer >= 1."""
+    """--sketch-probes, --decoupled: an integer >= 1."""
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {value}')
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    """--decoupled-delay: an integer >= 0."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {value}')
     return number
 
 
@@ -272,6 +286,16 @@ group.add_argument('--analytic-head-only', action='store_true', default=False,
 group.add_argument('--analytic-ridge', type=_non_negative, default=1e-3, metavar='RIDGE',
                    help='L2 penalty on the analytic head\'s weight (default: 1e-3; 0 = minimum-norm least squares)')
 
+# Decoupled pipeline training (timm_dbp.pipeline)
+group = parser.add_argument_group('Decoupled pipeline parameters (FDG / ADL)')
+group.add_argument('--decoupled', type=_positive_int, default=None, metavar='K',
+                   help='split the model at its stages into K pipeline modules, one per process (torchrun '
+                        '--nproc_per_node=K), trained on delayed gradients; ADL accumulation: --grad-accum-steps')
+group.add_argument('--decoupled-delay', type=_non_negative_int, default=1, metavar='D',
+                   help='ticks per hop between neighbouring stages (0: locked backprop, 1: FDG; default: 1)')
+group.add_argument('--decoupled-shrink', type=float, default=1.0, metavar='BETA',
+                   help='FDG gradient shrinking: delayed stages scale the gradient they receive (default: 1 = none)')
+
 # Misc
 group = parser.add_argument_group('Miscellaneous parameters')
 group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
@@ -367,6 +391,27 @@ def _check_args(args) -> None:
         except ValueError as e:
             raise UserError(f'--energy-country: {e}') from None
     check_model_name(args.model)
+    if args.decoupled is not None:
+        _check_decoupled_args(args)
+
+
+def _check_decoupled_args(args) -> None:
+    """What --decoupled does not combine with, refused up front rather than ignored."""
+    if not 0 < args.decoupled_shrink <= 1:
+        raise UserError(f'--decoupled-shrink must be in (0, 1], got {args.decoupled_shrink}')
+    if args.decoupled_shrink != 1 and args.decoupled_delay == 0:
+        raise UserError('--decoupled-shrink scales delayed gradients: it needs --decoupled-delay >= 1')
+    refused = dict(
+        model_ema='--model-ema', clip_grad='--clip-grad (gradient norms would be per stage)',
+        layer_decay='--layer-decay', sync_bn='--sync-bn', torchcompile='--torchcompile',
+        analytic_head='--analytic-head', analytic_head_only='--analytic-head-only', sketch_probes='--sketch-probes',
+        aug_repeats='--aug-repeats')
+    for name, flag in refused.items():
+        if getattr(args, name) not in (None, False, 0, 0.0):
+            raise UserError(f'--decoupled does not support {flag} yet')
+    if args.amp and args.amp_dtype == 'float16':
+        raise UserError('--decoupled with --amp needs --amp-dtype bfloat16 (a float16 loss scale would have to be '
+                        'agreed between the stages)')
 
 
 def check_model_name(name: str) -> None:
@@ -476,7 +521,14 @@ def main(argv=None):
     _check_args(args)
 
     device = utils.init_distributed_device(args)
-    if args.distributed:
+    if args.decoupled is not None:
+        if args.world_size != args.decoupled:
+            raise UserError(f'--decoupled {args.decoupled} runs one pipeline stage per process: start it with torchrun '
+                            f'--nproc_per_node={args.decoupled} (this run has {args.world_size} process(es))')
+        args.distributed = False  # the ranks hold different stages of one model: no data parallelism
+        _logger.info(f'Decoupled pipeline: process {args.rank} of {args.world_size} runs stage {args.rank}, '
+                     f'device {args.device}.')
+    elif args.distributed:
         _logger.info(f'Distributed: process {args.rank} of {args.world_size}, device {args.device}.')
     else:
         _logger.info(f'Single process on {args.device}.')
@@ -549,13 +601,15 @@ def main(argv=None):
     data_config = resolve_data_config(vars(args), model=model, verbose=is_main)
 
     model.to(device=device)
+    trainer = _decoupled_trainer(model, data_config, args, device) if args.decoupled is not None else None
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         model = convert_sync_batchnorm(model)
 
     if args.lr is None:
-        global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
+        data_ranks = 1 if trainer is not None else args.world_size  # pipeline ranks all see the same batches
+        global_batch_size = args.batch_size * data_ranks * args.grad_accum_steps
         batch_ratio = global_batch_size / args.lr_base_size
         if not args.lr_base_scale:
             on = args.opt.lower()
@@ -570,7 +624,7 @@ def main(argv=None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', NoDecorLayersWarning)
-            optimizer = create_optimizer_v2(model, **_optimizer_kwargs(args))
+            optimizer = create_optimizer_v2(trainer.stage if trainer else model, **_optimizer_kwargs(args))
     except NoDecorLayersWarning:
         raise UserError(f'optimizer {args.opt!r} is a DBP optimizer but model {args.model!r} has no decorrelated '
                         f'layers; use a dbp_ model ({", ".join(timm.list_models("dbp_*")[:4])}, ...) or a plain '
@@ -578,6 +632,8 @@ def main(argv=None):
     except (ValueError, TypeError) as e:
         raise UserError(f'cannot create optimizer {args.opt!r}: {e}') from None
     dbp = dbp_optimizer_of(optimizer)  # also inside lookahead_
+    if trainer is not None:
+        trainer.attach_optimizer(optimizer)
 
     loss_scaler = None
     if args.amp and amp_dtype == torch.float16:
@@ -590,7 +646,7 @@ def main(argv=None):
     if checkpoint is not None:
         _load_model_state(model, checkpoint['state_dict'], resume_path)
         if not args.no_resume_opt:
-            optimizer.load_state_dict(checkpoint['optimizer'])
+            optimizer.load_state_dict(_optimizer_state(checkpoint, trainer, args, resume_path))
             if loss_scaler is not None and 'scaler' in checkpoint:
                 loss_scaler.load_state_dict(checkpoint['scaler'])
         start_epoch = checkpoint['epoch'] + 1
@@ -688,7 +744,10 @@ def main(argv=None):
         else:
             lr_scheduler.step(start_epoch)
     if checkpoint is not None:
-        set_rng_state(checkpoint.get('rng_state'))
+        saved = checkpoint.get('rng_state')
+        if isinstance(saved, list):  # a --decoupled checkpoint: one state per stage
+            saved = saved[args.rank] if len(saved) == args.world_size and trainer is not None else None
+        set_rng_state(saved)
 
     train_epochs = range(0) if args.analytic_head_only else range(start_epoch, num_epochs)
     meter = _energy_meter(args, checkpoint, resume_path, is_main, epochs_to_run=len(train_epochs) > 0)
@@ -714,10 +773,15 @@ def main(argv=None):
             loader_train.sampler.set_epoch(epoch)
 
         with meter if meter is not None else nullcontext():  # energy: the training epochs only, like train_time
-            train_metrics = train_one_epoch(
-                epoch, num_epochs, train_model, loader_train, optimizer, train_loss_fn, args, device=device,
-                lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,
-                mixup_fn=mixup_fn, num_updates_total=num_epochs * updates_per_epoch)
+            if trainer is not None:
+                train_metrics = train_decoupled_epoch(
+                    epoch, trainer, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler=lr_scheduler,
+                    amp_autocast=amp_autocast, mixup_fn=mixup_fn, updates_per_epoch=updates_per_epoch)
+            else:
+                train_metrics = train_one_epoch(
+                    epoch, num_epochs, train_model, loader_train, optimizer, train_loss_fn, args, device=device,
+                    lr_scheduler=lr_scheduler, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
+                    model_ema=model_ema, mixup_fn=mixup_fn, num_updates_total=num_epochs * updates_per_epoch)
         train_time += train_metrics.pop('epoch_time')
         if dbp is not None:
             train_metrics.update(dbp.dbp_summary())
@@ -731,7 +795,9 @@ def main(argv=None):
 
         last_epoch = epoch + 1 == num_epochs
         eval_metrics = None
-        if (epoch + 1) % args.val_interval == 0 or last_epoch:
+        if trainer is not None and ((epoch + 1) % args.val_interval == 0 or last_epoch):
+            eval_metrics = validate_decoupled(trainer, loader_eval, validate_loss_fn, args, device, amp_autocast)
+        elif (epoch + 1) % args.val_interval == 0 or last_epoch:
             eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device, amp_autocast)
             if model_ema is not None:
                 if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
@@ -743,6 +809,7 @@ def main(argv=None):
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
 
+        gathered = _gather_decoupled(trainer, model, optimizer) if trainer is not None else None  # collective
         if is_main:
             lrs = [g['lr'] for g in optimizer.param_groups]
             utils.update_summary(
@@ -761,6 +828,8 @@ def main(argv=None):
                 train_co2_kg=meter.co2_kg if meter is not None else None,
                 rng_state=rng_state(), kept_checkpoints=kept_checkpoints, version=2,
                 sketch_calls={name: layer.sketch_calls for name, layer in timm_dbp.sketched_layers(unwrap_model(model))})
+            if gathered is not None:  # every stage's tensors, and one optimizer / RNG state per stage
+                state.update(gathered)
             _save_checkpoints(state, output_dir, best_epoch == epoch, args.checkpoint_hist)
             kept_checkpoints = state['kept_checkpoints']
 
@@ -775,7 +844,7 @@ def main(argv=None):
     if loader_fit is not None:
         refit_analytic_head(model, loader_fit, loader_eval, validate_loss_fn, args, device, amp_autocast, output_dir,
                             epoch=start_epoch - 1 if args.analytic_head_only else num_epochs - 1, before=eval_metrics)
-    if args.distributed:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return best_metric
 
@@ -864,6 +933,68 @@ def wrap_ddp(model: nn.Module, device: torch.device, broadcast_buffers: bool = T
     return DistributedDataParallel(model, **kwargs)
 
 
+def _decoupled_trainer(model: nn.Module, data_config: dict, args, device: torch.device) -> DecoupledTrainer:
+    """--decoupled: rank 0's initial weights on every rank, the model split at its stages (the same cuts everywhere:
+    they depend only on the architecture and input size), this rank's stage on `device`, the others on the CPU."""
+    if args.world_size > 1:
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+    sample = torch.randn(2, *data_config['input_size'], generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        stages = split_model(model, args.decoupled, sample)
+        trainer = DecoupledTrainer(stages, args.rank, device, delay=args.decoupled_delay,
+                                   accum=args.grad_accum_steps, shrink=args.decoupled_shrink)
+    except ValueError as e:
+        raise UserError(f'--decoupled {args.decoupled}: {e}') from None
+    for k, stage in enumerate(stages):
+        if k != args.rank:
+            stage.to('cpu')
+    if args.rank == 0:
+        _logger.info('Pipeline stages: ' + ' | '.join(f'{k}: {", ".join(s.owned)}' for k, s in enumerate(stages))
+                     + f'; delay {args.decoupled_delay} tick(s) per hop, accumulation {args.grad_accum_steps}, '
+                       f'shrink {args.decoupled_shrink:g}')
+    return trainer
+
+
+def _decoupled_record(trainer: Optional[DecoupledTrainer]) -> Optional[dict]:
+    """What a --decoupled checkpoint records of its pipeline (None without one)."""
+    if trainer is None:
+        return None
+    return dict(stages=[s.owned for s in trainer.stages], delay=trainer.delay, accum=trainer.accum,
+                shrink=trainer.shrink)
+
+
+def _optimizer_state(checkpoint: dict, trainer: Optional[DecoupledTrainer], args, source: str) -> dict:
+    """The optimizer state of this process in `checkpoint`: a --decoupled checkpoint holds one per stage and must
+    come from the same split."""
+    saved, current = checkpoint.get('decoupled'), _decoupled_record(trainer)
+    if (saved is None) != (current is None) or (saved and saved['stages'] != current['stages']):
+        def describe(record):
+            return f'{len(record["stages"])} pipeline stages' if record else 'no pipeline'
+        raise UserError(f'{source} was trained with {describe(saved)}, this run has {describe(current)}: the optimizer '
+                        f'states do not match (resume with the same --decoupled, or add --no-resume-opt)')
+    state = checkpoint['optimizer']
+    return state[args.rank] if current is not None else state
+
+
+def _gather_decoupled(trainer: DecoupledTrainer, model: nn.Module, optimizer) -> Optional[dict]:
+    """Every stage's tensors, optimizer state and RNG state, collected on rank 0 (None elsewhere) for a checkpoint
+    that loads like any other (state_dict of the whole model) and resumes the pipeline exactly."""
+    own = dict(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items() if trainer.stage.owns(k)},
+               optimizer=optimizer.state_dict(), rng_state=rng_state())
+    parts = [own]
+    if trainer.num_stages > 1:
+        parts = [None] * trainer.num_stages if trainer.rank == 0 else None
+        torch.distributed.gather_object(own, parts, dst=0)
+    if trainer.rank != 0:
+        return None
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for part in parts:
+        state_dict.update(part['state_dict'])
+    return dict(state_dict=state_dict, optimizer=[p['optimizer'] for p in parts],
+                rng_state=[p['rng_state'] for p in parts], decoupled=_decoupled_record(trainer))
+
+
 def _save_checkpoints(state: dict, output_dir: str, is_best: bool, hist: int) -> None:
     """last.pth.tar every epoch; model_best.pth.tar and the `hist` best checkpoint-<epoch>.pth.tar, all atomic.
 
@@ -909,12 +1040,7 @@ def train_one_epoch(
         update_idx = batch_idx // accum
         if batch_idx >= last_batch_idx_to_accum:
             accum = last_accum_steps
-        if not args.prefetcher_in_use:
-            input, target = input.to(device), target.to(device)
-            if mixup_fn is not None:
-                input, target = mixup_fn(input, target)
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
+        input, target = _prepare_batch(input, target, args, device, mixup_fn)
 
         sync = need_update or not isinstance(model, DistributedDataParallel)
         with (nullcontext() if sync else model.no_sync()):
@@ -954,6 +1080,52 @@ def train_one_epoch(
     return dict(loss=losses_m.avg, epoch_time=time.time() - epoch_start)
 
 
+def train_decoupled_epoch(epoch, trainer, loader, optimizer, loss_fn, args, device, lr_scheduler=None,
+                          amp_autocast=nullcontext, mixup_fn=None, updates_per_epoch=None):
+    """One --decoupled epoch: rank 0 feeds the batches, every rank steps its stage's optimizer and LR schedule, the
+    last rank (which sees the loss) logs. `staleness`: the mean number of optimizer steps between a batch's forward
+    and its update in this rank's stage (rank 0's, the most delayed, goes to summary.csv)."""
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and mixup_fn is not None:
+        mixup_fn.mixup_enabled = False
+
+    def on_update(updates: int) -> None:
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=epoch * updates_per_epoch + updates)
+
+    def on_log(update_idx: int, loss: float, rate: float) -> None:
+        _logger.info(f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                     f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  Loss (running mean): {loss:#.3g}  '
+                     f'{rate:>7.1f} img/s  LR: {optimizer.param_groups[0]["lr"]:.3e}  (last stage)')
+
+    metrics = trainer.train_epoch(
+        loader if args.rank == 0 else None, len(loader), optimizer, loss_fn, on_update=on_update, on_log=on_log,
+        log_interval=args.log_interval, autocast=amp_autocast,
+        prepare=partial(_prepare_batch, args=args, device=device, mixup_fn=mixup_fn))
+    counts = metrics['staleness']
+    staleness = sum(s * n for s, n in counts.items()) / max(sum(counts.values()), 1)
+    return dict(loss=metrics['loss'], staleness=staleness, epoch_time=metrics['epoch_time'])
+
+
+def validate_decoupled(trainer, loader, loss_fn, args, device, amp_autocast=nullcontext):
+    """validate() through the pipeline: rank 0 feeds the batches, the last rank scores them; metrics on every rank."""
+    metrics = trainer.evaluate(loader if args.rank == 0 else None, len(loader), loss_fn, autocast=amp_autocast,
+                               prepare=partial(_prepare_batch, args=args, device=device))
+    if args.rank == 0:
+        _logger.info(f'Test: Loss: {metrics["loss"]:#.4g}  Acc@1: {metrics["top1"]:.3f}  Acc@5: {metrics["top5"]:.3f}')
+    return metrics
+
+
+def _prepare_batch(input, target, args, device, mixup_fn=None):
+    """A loader batch as the model takes it: on the device (unless the prefetcher did it), mixed, channels_last."""
+    if not args.prefetcher_in_use:
+        input, target = input.to(device), target.to(device)
+        if mixup_fn is not None:
+            input, target = mixup_fn(input, target)
+    if args.channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    return input, target
+
+
 def _hms(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
@@ -964,10 +1136,7 @@ def validate(model, loader, loss_fn, args, device, amp_autocast=nullcontext, log
     losses_m, top1_m, top5_m = utils.AverageMeter(), utils.AverageMeter(), utils.AverageMeter()
     model.eval()
     for input, target in loader:
-        if not args.prefetcher_in_use:
-            input, target = input.to(device), target.to(device)
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
+        input, target = _prepare_batch(input, target, args, device)
         with amp_autocast():
             output = model(input)
             if isinstance(output, (tuple, list)):

@@ -294,3 +294,88 @@ def test_evaluation_runs_through_the_pipeline(tmp_path):
     for r in results:
         assert r['evaluation']['top1'] == pytest.approx(100 * hits / 12)
         assert r['evaluation']['loss'] == pytest.approx(loss / 12, abs=1e-6)
+
+
+# ---- train.py --decoupled --------------------------------------------------------------------------------------------
+
+def _train_args(data_dir, out_dir, experiment, *extra):
+    from test_train import _args
+    return _args(data_dir, out_dir, experiment, '--sched', 'step', '--decay-epochs', '100', *extra)
+
+
+def _last(out_dir, experiment):
+    return torch.load(os.path.join(out_dir, 'train', experiment, 'last.pth.tar'), weights_only=False)
+
+
+def _summary(out_dir, experiment):
+    from test_train import _summary
+    return _summary(out_dir, experiment)
+
+
+def test_train_py_delay_0_pipeline_is_the_one_process_run(tiny_fmnist, tmp_path):
+    import train
+    from test_train import run_torchrun
+    out = str(tmp_path)
+    log = run_torchrun(_train_args(tiny_fmnist, out, 'pipe', '--epochs', '1', '--decoupled', '2',
+                                   '--decoupled-delay', '0'))
+    assert 'Pipeline stages: 0: ' in log
+    assert train.run(_train_args(tiny_fmnist, out, 'plain', '--epochs', '1')) == 0
+    pipe, plain = _last(out, 'pipe'), _last(out, 'plain')
+    assert set(pipe['state_dict']) == set(plain['state_dict'])
+    for key, value in plain['state_dict'].items():
+        assert torch.equal(value, pipe['state_dict'][key]), key
+    assert len(pipe['optimizer']) == 2 and pipe['decoupled']['delay'] == 0
+    assert [o['dbp']['step'] for o in pipe['optimizer']] == [8, 8] == [plain['optimizer']['dbp']['step']] * 2
+    for key in ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5'):
+        assert float(_summary(out, 'pipe')[0][key]) == pytest.approx(float(_summary(out, 'plain')[0][key]), abs=1e-9)
+
+
+def test_train_py_pipeline_resumes_exactly(tiny_fmnist, tmp_path):
+    from test_train import run_torchrun
+    out = str(tmp_path)
+    pipe = ('--decoupled', '2', '--grad-accum-steps', '2')
+    run_torchrun(_train_args(tiny_fmnist, out, 'straight', '--epochs', '2', *pipe))
+    run_torchrun(_train_args(tiny_fmnist, out, 'stopped', '--epochs', '1', *pipe))
+    run_torchrun(_train_args(tiny_fmnist, out, 'stopped', '--epochs', '2', '--resume', 'auto', *pipe))
+    a, b = _last(out, 'straight'), _last(out, 'stopped')
+    for key, value in a['state_dict'].items():
+        assert torch.equal(value, b['state_dict'][key]), key
+    straight, resumed = _summary(out, 'straight'), _summary(out, 'stopped')
+    for key in ('train_loss', 'train_staleness', 'eval_loss', 'eval_top1', 'lr'):
+        assert straight[1][key] == resumed[1][key], key
+    # 8 batches an epoch, windows of 2: the first stage's gradients are 2 ticks late, so 1 step stale once warm
+    assert 0 < float(straight[1]['train_staleness']) <= 1
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--decoupled', '2'], 'torchrun --nproc_per_node=2'),
+    (['--decoupled', '1', '--model', 'vit_tiny_patch16_224'], 'not the sequence of its child modules'),
+    (['--decoupled', '1', '--model-ema'], 'does not support --model-ema'),
+    (['--decoupled', '1', '--clip-grad', '1'], 'does not support --clip-grad'),
+    (['--decoupled', '1', '--decoupled-delay', '0', '--decoupled-shrink', '0.5'], 'needs --decoupled-delay >= 1'),
+    (['--decoupled', '1', '--decoupled-shrink', '1.5'], 'must be in (0, 1]'),
+    (['--decoupled', '1', '--amp'], 'bfloat16'),
+], ids=['world-size', 'not-sequential', 'ema', 'clip', 'shrink-no-delay', 'shrink-range', 'amp-fp16'])
+def test_train_py_refuses_bad_pipelines(tiny_fmnist, tmp_path, capsys, extra, message):
+    import train
+    assert train.run(_train_args(tiny_fmnist, str(tmp_path), 'bad', *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('value', ['0', '-1', 'two'])
+def test_train_py_decoupled_needs_a_positive_count(tiny_fmnist, tmp_path, value):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.run(_train_args(tiny_fmnist, str(tmp_path), 'bad', '--decoupled', value))
+    assert e.value.code == 2
+
+
+def test_train_py_resuming_across_pipelines_is_refused(tiny_fmnist, tmp_path, capsys):
+    import train
+    out = str(tmp_path)
+    assert train.run(_train_args(tiny_fmnist, out, 'one', '--epochs', '1', '--decoupled', '1')) == 0
+    ckpt = os.path.join(out, 'train', 'one', 'last.pth.tar')
+    assert train.run(_train_args(tiny_fmnist, out, 'plain', '--epochs', '2', '--resume', ckpt)) == 2
+    assert 'trained with 1 pipeline stages, this run has no pipeline' in capsys.readouterr().err
+    # the weights alone load anywhere: --no-resume-opt, or --initial-checkpoint
+    assert train.run(_train_args(tiny_fmnist, out, 'plain2', '--epochs', '2', '--resume', ckpt, '--no-resume-opt')) == 0

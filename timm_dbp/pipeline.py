@@ -290,6 +290,7 @@ class DecoupledTrainer:
         if shrink != 1 and delay == 0:
             raise ValueError('gradient shrinking is for delayed gradients: it needs delay >= 1')
         num_stages, stage = len(stages), stages[rank]
+        self.stages = list(stages)
         self.stage, self.rank, self.num_stages, self.device = stage, rank, num_stages, device
         self.decor_layer_offset = sum(len(list(decor_layers(s))) for s in stages[:rank])
         self.delay, self.accum, self.shrink = delay, accum, shrink
@@ -374,6 +375,7 @@ class DecoupledTrainer:
         iterator: Optional[Iterator] = iter(batches) if self.first else None
         stored = collections.deque()  # forwards waiting for their gradient: dicts of batch, input, output, weights
         loss_sum, seen, updates, start = 0.0, 0, 0, time.time()
+        staleness_before = collections.Counter(self.staleness)
         self.stage.train()
         optimizer.zero_grad()
         num_ticks = num_batches + 2 * D * (K - 1)
@@ -450,7 +452,8 @@ class DecoupledTrainer:
         if stored:
             raise RuntimeError(f'pipeline out of step: rank {k} ends the epoch with {len(stored)} unapplied batches')
         loss = self._from_last([loss_sum / max(seen, 1)])[0]
-        return dict(loss=loss, epoch_time=time.time() - start, staleness=dict(sorted(self.staleness.items())))
+        staleness = dict(sorted((self.staleness - staleness_before).items()))  # this epoch's
+        return dict(loss=loss, epoch_time=time.time() - start, staleness=staleness)
 
     def _after_backward(self, record: dict, num_batches: int, optimizer, on_update, updates: int) -> int:
         """Step when the batch closes its window; returns the number of steps taken (0 or 1)."""
