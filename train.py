@@ -295,6 +295,9 @@ group.add_argument('--decoupled-delay', type=_non_negative_int, default=1, metav
                    help='ticks per hop between neighbouring stages (0: locked backprop, 1: FDG; default: 1)')
 group.add_argument('--decoupled-shrink', type=float, default=1.0, metavar='BETA',
                    help='FDG gradient shrinking: delayed stages scale the gradient they receive (default: 1 = none)')
+group.add_argument('--decoupled-cuts', nargs='+', default=None, metavar='STAGE',
+                   help='cut after these stage modules (K - 1 names, e.g. layer3 for a ResNet; default: the cuts '
+                        'that balance the stages\' forward + backward time, measured on rank 0)')
 
 # Misc
 group = parser.add_argument_group('Miscellaneous parameters')
@@ -939,9 +942,17 @@ def _decoupled_trainer(model: nn.Module, data_config: dict, args, device: torch.
     if args.world_size > 1:
         for tensor in model.state_dict().values():
             torch.distributed.broadcast(tensor, 0)
-    sample = torch.randn(2, *data_config['input_size'], generator=torch.Generator().manual_seed(0)).to(device)
+    sample = torch.randn(args.batch_size, *data_config['input_size'], generator=torch.Generator().manual_seed(0))
+    cuts = args.decoupled_cuts
     try:
-        stages = split_model(model, args.decoupled, sample)
+        if cuts is None and args.world_size > 1:  # rank 0 times the stages (forward + backward), all use its cuts
+            found = [None]
+            if args.rank == 0:
+                stages = split_model(model, args.decoupled, sample.to(device), balance='time')
+                found = [[stage.owned[-1] for stage in stages[:-1]]]
+            torch.distributed.broadcast_object_list(found, 0)
+            cuts = found[0]
+        stages = split_model(model, args.decoupled, sample.to(device), cuts=cuts)
         trainer = DecoupledTrainer(stages, args.rank, device, delay=args.decoupled_delay,
                                    accum=args.grad_accum_steps, shrink=args.decoupled_shrink)
     except ValueError as e:
@@ -1103,6 +1114,8 @@ def train_decoupled_epoch(epoch, trainer, loader, optimizer, loss_fn, args, devi
         prepare=partial(_prepare_batch, args=args, device=device, mixup_fn=mixup_fn))
     counts = metrics['staleness']
     staleness = sum(s * n for s, n in counts.items()) / max(sum(counts.values()), 1)
+    _logger.info(f'Stage {args.rank}: waited {metrics["wait_time"]:.1f}s of the epoch\'s {metrics["epoch_time"]:.1f}s '
+                 f'for its neighbours; gradients {staleness:.2f} optimizer steps stale on average')
     return dict(loss=metrics['loss'], staleness=staleness, epoch_time=metrics['epoch_time'])
 
 

@@ -379,3 +379,46 @@ def test_train_py_resuming_across_pipelines_is_refused(tiny_fmnist, tmp_path, ca
     assert 'trained with 1 pipeline stages, this run has no pipeline' in capsys.readouterr().err
     # the weights alone load anywhere: --no-resume-opt, or --initial-checkpoint
     assert train.run(_train_args(tiny_fmnist, out, 'plain2', '--epochs', '2', '--resume', ckpt, '--no-resume-opt')) == 0
+
+
+def test_time_balanced_and_named_cuts():
+    model = _model()
+    x = torch.randn(8, 3, SIZE, SIZE)
+    stages = split_model(model, 3, x, balance='time')  # times each child (act1 is an in-place ReLU) on copies
+    assert len(stages) == 3
+    named = split_model(model, 3, x, cuts=[s.owned[-1] for s in stages[:-1]])
+    assert [s.owned for s in named] == [s.owned for s in stages]
+    assert [s.owned[-1] for s in split_model(model, 2, x, cuts=['layer3'])[:1]] == ['layer3']
+    with pytest.raises(ValueError, match='cannot cut after layer3.0'):
+        split_model(model, 2, x, cuts=['layer3.0'])
+    with pytest.raises(ValueError, match="balance must be"):
+        split_model(model, 2, x, balance='flops')
+
+
+def test_a_stage_may_start_with_an_in_place_op():
+    class Tiny(torch.nn.Module):  # a timm-like model whose second stage starts with ReLU(inplace=True)
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 4, 3)
+            self.act1 = torch.nn.ReLU(inplace=True)
+            self.conv2 = torch.nn.Conv2d(4, 4, 3)
+            self.fc = torch.nn.Linear(4, 2)
+            self.feature_info = [dict(module='conv1'), dict(module='conv2')]
+
+        def forward_features(self, x):
+            return self.conv2(self.act1(self.conv1(x)))
+
+        def forward_head(self, x):
+            return self.fc(x.mean((2, 3)))
+
+        def forward(self, x):
+            return self.forward_head(self.forward_features(x))
+
+    model = Tiny()
+    stages = split_model(model, 2, torch.randn(2, 3, 8, 8))
+    assert stages[1].owned == ['act1', 'conv2', 'fc']
+    trainer = DecoupledTrainer(stages, 1, torch.device('cpu'), delay=0)  # no messages are sent here
+    received = torch.randn(2, 4, 6, 6).requires_grad_()  # a leaf, as a received activation is
+    out, _ = trainer._forward(received, torch.enable_grad)
+    out.sum().backward()
+    assert received.grad is not None

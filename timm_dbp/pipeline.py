@@ -27,10 +27,12 @@ compute exactly what the model computes and refuses models whose forward is not 
 and position embedding are added between children).
 """
 import collections
+import copy
 import itertools
+import statistics
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -119,8 +121,49 @@ def stage_boundaries(model: nn.Module, sample_input: torch.Tensor) -> Tuple[List
     return children, [c for c in cuts if c <= end], end
 
 
-def _module_macs(module: nn.Module, x: torch.Tensor) -> List[float]:
-    """Multiply-accumulates of the Conv2d / Linear layers of each child run on x (a deterministic cost estimate)."""
+def _child_costs(model: nn.Module, children: List[Tuple[str, nn.Module]], end: int, x: torch.Tensor,
+                 balance: str) -> List[float]:
+    """The cost of each feature child, then of the head (one number for children[end:])."""
+    if balance not in ('macs', 'time'):
+        raise ValueError(f"balance must be 'macs' or 'time', got {balance!r}")
+    was_training = model.training
+    costs = []
+    try:
+        for _, module in children[:end]:
+            cost, x = _module_macs(module.eval(), x) if balance == 'macs' else _module_seconds(module, x)
+            costs.append(cost)
+        if balance == 'macs':
+            costs.append(sum(_head_macs(m) for _, m in children[end:]))
+        else:  # the head in eval mode (no BatchNorm statistics change), its gradients cleared after
+            head_params = [p for _, m in children[end:] for p in m.parameters()]
+            costs.append(_module_seconds(model.eval().forward_head, x, keep=False)[0])
+            for p in head_params:
+                p.grad = None
+    finally:
+        model.train(was_training)
+    return costs
+
+
+def _module_seconds(module: Callable, x: torch.Tensor, repeats: int = 3, keep: bool = True) -> Tuple[float, torch.Tensor]:
+    """Median seconds of forward + backward of `module` (a training-mode deep copy unless keep=False) on x."""
+    if keep:
+        module = copy.deepcopy(module).train()
+    x = x.detach().requires_grad_()
+    seconds = []
+    for _ in range(repeats):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = module(x.clone())  # a non-leaf: the child may start with an in-place op (ReLU(inplace=True))
+        out.float().sum().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), out.detach()
+
+
+def _module_macs(module: nn.Module, x: torch.Tensor) -> Tuple[float, torch.Tensor]:
+    """Multiply-accumulates of the Conv2d / Linear layers of a child run on x (a deterministic cost estimate)."""
     total = [0.0]
 
     def count(layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -140,10 +183,15 @@ def _module_macs(module: nn.Module, x: torch.Tensor) -> List[float]:
 
 
 def split_model(model: nn.Module, num_stages: int, sample_input: torch.Tensor,
-                cuts: Optional[Sequence[int]] = None) -> List[PipelineStage]:
+                cuts: Optional[Sequence[Union[int, str]]] = None, balance: str = 'macs') -> List[PipelineStage]:
     """Cut a timm model into `num_stages` PipelineStages at stage boundaries.
 
-    The cuts minimise the largest stage cost (Conv2d / Linear multiply-accumulates on `sample_input`) unless given.
+    `cuts`: where, as the names of the stage modules to cut after (e.g. ['layer2'] for a ResNet) or positions in the
+    flattened children; by default the cuts that minimise the largest stage cost on `sample_input`: with
+    balance='macs' the Conv2d / Linear multiply-accumulates (deterministic: every rank finds the same cuts), with
+    'time' the measured forward + backward seconds (closer to the truth: a DBP layer's W R costs out * d^2 per step
+    whatever the batch, which dominates late stages at small images; measure on one rank and hand its cuts to the
+    others).
     The stages share the model's modules (the model's state_dict still names every tensor). Checked: chained, the
     stages compute exactly model(sample_input) in eval mode. Raises ValueError with the reason when the model cannot be
     split that way (no stage information, not a sequence, more stages than boundaries + 1)."""
@@ -155,14 +203,7 @@ def split_model(model: nn.Module, num_stages: int, sample_input: torch.Tensor,
         raise ValueError(f'{type(model).__name__} has {len(boundaries) + 1} stages at most (cuts after '
                          f'{", ".join(children[b - 1][0] for b in boundaries)}); asked for {num_stages}')
     if cuts is None:
-        was_training = model.training
-        model.eval()
-        costs, x = [], sample_input
-        for _, module in children[:end]:
-            cost, x = _module_macs(module, x)
-            costs.append(cost)
-        model.train(was_training)
-        costs.append(sum(c for m in children[end:] for c in [_head_macs(m[1])]))
+        costs = _child_costs(model, children, end, sample_input, balance)
         prefix = [0.0] + list(itertools.accumulate(costs))
 
         def largest(split: Tuple[int, ...]) -> float:
@@ -170,9 +211,14 @@ def split_model(model: nn.Module, num_stages: int, sample_input: torch.Tensor,
             return max(prefix[b] - prefix[a] for a, b in zip(edges, edges[1:]))
 
         cuts = min(itertools.combinations(boundaries, num_stages - 1), key=largest)
-    cuts = list(cuts)
+    names = [name for name, _ in children]
+    allowed = ', '.join(names[b - 1] for b in boundaries)
+    unknown = [c for c in cuts if isinstance(c, str) and c not in names]
+    if unknown:
+        raise ValueError(f'cannot cut after {", ".join(unknown)}: the stages of {type(model).__name__} end at {allowed}')
+    cuts = [names.index(c) + 1 if isinstance(c, str) else c for c in cuts]
     if sorted(set(cuts)) != cuts or any(c not in boundaries for c in cuts) or len(cuts) != num_stages - 1:
-        raise ValueError(f'bad cuts {cuts}: need {num_stages - 1} increasing positions from {boundaries}')
+        raise ValueError(f'bad cuts {cuts}: need {num_stages - 1} increasing cut(s) after stages among {allowed}')
     edges = [0] + cuts + [end]
     stages = []
     for k, (a, b) in enumerate(zip(edges, edges[1:])):
@@ -225,6 +271,7 @@ class _Link:
     def __init__(self, peer: int, device: torch.device, window: int):
         self.peer, self.device, self.window = peer, device, max(window, 1) + 1
         self.pending = collections.deque()
+        self.wait_seconds = 0.0  # time blocked in recv: the neighbour was behind
 
     def send(self, batch: int, tensors: Optional[Sequence[torch.Tensor]]) -> None:
         header = torch.zeros(_HEADER, dtype=torch.int64)
@@ -244,8 +291,10 @@ class _Link:
 
     def recv(self) -> Optional[Tuple[int, List[torch.Tensor]]]:
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+        start = time.perf_counter()
         dist.recv(header, self.peer)
         header = header.cpu()
+        self.wait_seconds += time.perf_counter() - start
         if header[0] == 0:
             return None
         tensors = []
@@ -332,6 +381,8 @@ class DecoupledTrainer:
 
     def _forward(self, x: torch.Tensor, autocast) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
         weights = self._weights()
+        if x.requires_grad:  # a received activation (a leaf): a stage may start with an in-place op
+            x = x.clone()
         with autocast():
             if weights is None:
                 return self.stage(x), None
@@ -370,12 +421,16 @@ class DecoupledTrainer:
         Only rank 0 passes `batches` (an iterable of (input, target)); `prepare(input, target)` may transform them
         there (device, mixup, channels_last). Every rank calls `on_update(num_updates_this_epoch)` after each of its
         optimizer steps (the LR schedule), the last rank `on_log(update, loss_avg, img/s)` every `log_interval`
-        updates. Returns loss (the mean training loss, known on every rank), epoch_time, staleness (this stage)."""
+        updates. Returns loss (the mean training loss, known on every rank), epoch_time, staleness (this stage's
+        {optimizer steps between a batch's forward and its update: batches}, this epoch) and wait_time (seconds this
+        rank sat waiting for a neighbour's message: the imbalance of the split)."""
         K, D, k = self.num_stages, self.delay, self.rank
         iterator: Optional[Iterator] = iter(batches) if self.first else None
         stored = collections.deque()  # forwards waiting for their gradient: dicts of batch, input, output, weights
         loss_sum, seen, updates, start = 0.0, 0, 0, time.time()
         staleness_before = collections.Counter(self.staleness)
+        links = [link for link in (self.to_prev, self.to_next) if link is not None]
+        wait_before = sum(link.wait_seconds for link in links)
         self.stage.train()
         optimizer.zero_grad()
         num_ticks = num_batches + 2 * D * (K - 1)
@@ -453,7 +508,8 @@ class DecoupledTrainer:
             raise RuntimeError(f'pipeline out of step: rank {k} ends the epoch with {len(stored)} unapplied batches')
         loss = self._from_last([loss_sum / max(seen, 1)])[0]
         staleness = dict(sorted((self.staleness - staleness_before).items()))  # this epoch's
-        return dict(loss=loss, epoch_time=time.time() - start, staleness=staleness)
+        return dict(loss=loss, epoch_time=time.time() - start, staleness=staleness,
+                    wait_time=sum(link.wait_seconds for link in links) - wait_before)
 
     def _after_backward(self, record: dict, num_batches: int, optimizer, on_update, updates: int) -> int:
         """Step when the batch closes its window; returns the number of steps taken (0 or 1)."""
