@@ -33,7 +33,8 @@ def _free_port() -> int:
 
 def _batches(num: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (4,), generator=g)) for _ in range(num)]
+    return [(torch.randn(4, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (4,), generator=g))
+            for _ in range(num)]
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +181,8 @@ def _assert_same(state, reference, keys=None, atol=0.0):
     assert keys
     for key in keys:
         if atol == 0:
-            assert torch.equal(state[key], reference[key]), f'{key} differs by {(state[key] - reference[key]).abs().max()}'
+            difference = (state[key] - reference[key]).abs().max()
+            assert torch.equal(state[key], reference[key]), f'{key} differs by {difference}'
         else:
             torch.testing.assert_close(state[key], reference[key], atol=atol, rtol=0, msg=key)
 
@@ -261,7 +263,8 @@ def test_delay_0_is_bit_identical_to_backprop(tmp_path, accum):
         assert r['staleness'] == {0: 14}
 
 
-@pytest.mark.parametrize('num_stages,delay,accum,shrink', [(2, 1, 1, 1.0), (2, 1, 3, 0.5), (3, 1, 2, 1.0), (2, 2, 1, 1.0)])
+@pytest.mark.parametrize('num_stages,delay,accum,shrink', [
+    (2, 1, 1, 1.0), (2, 1, 3, 0.5), (3, 1, 2, 1.0), (2, 2, 1, 1.0)])
 def test_delayed_gradients_follow_the_schedule(tmp_path, num_stages, delay, accum, shrink):
     state, results = _run_pipeline(tmp_path, num_stages, delay=delay, accum=accum, shrink=shrink)
     reference = _simulate(num_stages, delay, accum, shrink)

@@ -27,11 +27,11 @@ compute exactly what the model computes and refuses models whose forward is not 
 and position embedding are added between children).
 """
 import collections
+import contextlib
 import copy
 import itertools
 import statistics
 import time
-from contextlib import nullcontext
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,6 +41,18 @@ from torch import nn
 from timm_dbp.layers import decor_layers
 
 __all__ = ['PipelineStage', 'DecoupledTrainer', 'split_model', 'stage_boundaries']
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """`model` in eval mode without gradients; its training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 class PipelineStage(nn.Module):
@@ -81,7 +93,10 @@ def _flat_children(model: nn.Module, feature_modules: Sequence[str]) -> List[Tup
     return flat
 
 
-def stage_boundaries(model: nn.Module, sample_input: torch.Tensor) -> Tuple[List[Tuple[str, nn.Module]], List[int], int]:
+def stage_boundaries(
+        model: nn.Module,
+        sample_input: torch.Tensor,
+) -> Tuple[List[Tuple[str, nn.Module]], List[int], int]:
     """Where `model` may be cut: (flattened children, cut positions, end of the feature children).
 
     A cut at position i puts children[:i] before it. Cuts follow the model's feature_info stages; the children from
@@ -98,23 +113,19 @@ def stage_boundaries(model: nn.Module, sample_input: torch.Tensor) -> Tuple[List
     if not cuts:
         raise ValueError(f'{type(model).__name__}: none of its feature_info modules ({", ".join(modules)}) is a '
                          f'top-level stage, so it cannot be split at its stages')
-    was_training = model.training
-    model.eval()
+    end, reason = None, ''
     try:
-        with torch.no_grad():
+        with _evaluating(model):
             target = model.forward_features(sample_input)
-            x, end = sample_input, None
+            x = sample_input
             for i, (_, module) in enumerate(children):
                 x = module(x)
-                if i + 1 >= cuts[-1] and isinstance(x, torch.Tensor) and x.shape == target.shape and torch.equal(x, target):
+                same = isinstance(x, torch.Tensor) and x.shape == target.shape and torch.equal(x, target)
+                if i + 1 >= cuts[-1] and same:
                     end = i + 1
                     break
     except Exception as e:  # a child that cannot take its predecessor's output: not a sequence
-        end, reason = None, f' ({type(e).__name__}: {e})'.splitlines()[0]
-    else:
-        reason = ''
-    finally:
-        model.train(was_training)
+        reason = f' ({type(e).__name__}: {e})'.splitlines()[0]
     if end is None:
         raise ValueError(f'{type(model).__name__} cannot be split into pipeline stages: its forward_features is not '
                          f'the sequence of its child modules{reason}')
@@ -144,7 +155,12 @@ def _child_costs(model: nn.Module, children: List[Tuple[str, nn.Module]], end: i
     return costs
 
 
-def _module_seconds(module: Callable, x: torch.Tensor, repeats: int = 3, keep: bool = True) -> Tuple[float, torch.Tensor]:
+def _module_seconds(
+        module: Callable,
+        x: torch.Tensor,
+        repeats: int = 3,
+        keep: bool = True,
+) -> Tuple[float, torch.Tensor]:
     """Median seconds of forward + backward of `module` (a training-mode deep copy unless keep=False) on x."""
     if keep:
         module = copy.deepcopy(module).train()
@@ -215,7 +231,8 @@ def split_model(model: nn.Module, num_stages: int, sample_input: torch.Tensor,
     allowed = ', '.join(names[b - 1] for b in boundaries)
     unknown = [c for c in cuts if isinstance(c, str) and c not in names]
     if unknown:
-        raise ValueError(f'cannot cut after {", ".join(unknown)}: the stages of {type(model).__name__} end at {allowed}')
+        raise ValueError(f'cannot cut after {", ".join(unknown)}: the stages of {type(model).__name__} end at '
+                         f'{allowed}')
     cuts = [names.index(c) + 1 if isinstance(c, str) else c for c in cuts]
     if sorted(set(cuts)) != cuts or any(c not in boundaries for c in cuts) or len(cuts) != num_stages - 1:
         raise ValueError(f'bad cuts {cuts}: need {num_stages - 1} increasing cut(s) after stages among {allowed}')
@@ -242,15 +259,10 @@ def _check_split(model: nn.Module, stages: List[PipelineStage], x: torch.Tensor)
     if stray:
         raise ValueError(f'{type(model).__name__} cannot be split into pipeline stages: {len(stray)} tensor(s) belong '
                          f'to no stage or to several, e.g. {stray[0]}')
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            expected, y = model(x), x
-            for stage in stages:
-                y = stage(y)
-    finally:
-        model.train(was_training)
+    with _evaluating(model):
+        expected, y = model(x), x
+        for stage in stages:
+            y = stage(y)
     if not torch.equal(y, expected):
         raise ValueError(f'{type(model).__name__} cannot be split into pipeline stages: the chained stages differ from '
                          f'the model by {float((y - expected).abs().max()):.3g}')
@@ -259,7 +271,8 @@ def _check_split(model: nn.Module, stages: List[PipelineStage], x: torch.Tensor)
 # ---------------------------------------------------------------------------------------------------------------------
 # Messages: one per tick on each link; a fixed-size int64 header says what follows
 
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool, torch.uint8]
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool,
+           torch.uint8]
 _MAX_TENSORS, _MAX_DIMS = 4, 6
 _HEADER = 2 + _MAX_TENSORS * (2 + _MAX_DIMS)  # present, batch index, then per tensor: dtype, ndim, dims
 
@@ -279,7 +292,8 @@ class _Link:
             header[0], header[1] = 1, batch
             for i, t in enumerate(tensors):
                 if t.dim() > _MAX_DIMS or i >= _MAX_TENSORS:
-                    raise ValueError(f'pipeline message too large: {len(tensors)} tensors, shapes {[tuple(x.shape) for x in tensors]}')
+                    raise ValueError(f'pipeline message too large: {len(tensors)} tensors, shapes '
+                                     f'{[tuple(x.shape) for x in tensors]}')
                 base = 2 + i * (2 + _MAX_DIMS)
                 header[base], header[base + 1] = _DTYPES.index(t.dtype), t.dim()
                 header[base + 2:base + 2 + t.dim()] = torch.tensor(t.shape)
@@ -388,7 +402,12 @@ class DecoupledTrainer:
                 return self.stage(x), None
             return torch.func.functional_call(self.stage, weights, (x,), strict=False), weights
 
-    def _backward(self, record: dict, grad_output: Optional[torch.Tensor], loss: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _backward(
+            self,
+            record: dict,
+            grad_output: Optional[torch.Tensor],
+            loss: Optional[torch.Tensor],
+    ) -> Optional[torch.Tensor]:
         """Gradients of one stored forward: accumulated into the live parameters' .grad; returns d/d(input)."""
         weights = record['weights']
         params = [p for _, p in self._params] if weights is None else [weights[n] for n, _ in self._params]
@@ -415,7 +434,7 @@ class DecoupledTrainer:
     def train_epoch(self, batches: Optional[Iterable], num_batches: int, optimizer: torch.optim.Optimizer,
                     loss_fn: Callable, on_update: Optional[Callable[[int], None]] = None,
                     on_log: Optional[Callable[[int, float, float], None]] = None, log_interval: int = 50,
-                    autocast=nullcontext, prepare: Optional[Callable] = None) -> Dict[str, Any]:
+                    autocast=contextlib.nullcontext, prepare: Optional[Callable] = None) -> Dict[str, Any]:
         """One epoch of `num_batches` batches through the pipeline, flushed at the end.
 
         Only rank 0 passes `batches` (an iterable of (input, target)); `prepare(input, target)` may transform them
@@ -449,7 +468,8 @@ class DecoupledTrainer:
             if message is not None:
                 got, (x, target) = message
                 if got != batch:
-                    raise RuntimeError(f'pipeline out of step: rank {k} expected batch {batch} at tick {tick}, got {got}')
+                    raise RuntimeError(f'pipeline out of step: rank {k} expected batch {batch} at tick {tick}, '
+                                       f'got {got}')
                 if not self.first:
                     x.requires_grad_()
                 out, weights = self._forward(x, autocast)
@@ -525,8 +545,14 @@ class DecoupledTrainer:
         return 1
 
     @torch.no_grad()
-    def evaluate(self, batches: Optional[Iterable], num_batches: int, loss_fn: Callable, autocast=nullcontext,
-                 prepare: Optional[Callable] = None) -> Dict[str, float]:
+    def evaluate(
+            self,
+            batches: Optional[Iterable],
+            num_batches: int,
+            loss_fn: Callable,
+            autocast=contextlib.nullcontext,
+            prepare: Optional[Callable] = None,
+    ) -> Dict[str, float]:
         """Forward-only pass of `num_batches` batches (rank 0 passes them); loss, top1, top5 on every rank."""
         self.stage.eval()
         iterator = iter(batches) if self.first else None
