@@ -95,3 +95,13 @@ def test_analytic_head_smoke(tmp_path):
         assert all(0 <= a['top1'] <= 100 and a['seconds'] > 0 for a in row['analytic'])
         assert len(row['probe']['curve']) == 1 and row['analytic_e2e']['ridge'] == 1e-3
     assert (tmp_path / 'a.png').exists() and 'linear probe' in out
+
+
+def test_decoupled_smoke(tmp_path):
+    out = _run('decoupled.py', '--methods', 'bp_1thread', 'fdg_k2', '--model', 'dbp_test_resnet', '--seeds', '0',
+               '--epochs', '1', '--train-num-samples', '256', '--val-num-samples', '128', '-b', '32',
+               '--runs-dir', str(tmp_path / 'runs'), '--out', str(tmp_path / 'd'))
+    data = json.loads((tmp_path / 'd.json').read_text())
+    assert set(data['table']) == {'bp_1thread', 'fdg_k2'}
+    assert all(not r['failed'] and len(r['curve']) == 1 and r['images_per_s'] > 0 for r in data['rows'])
+    assert (tmp_path / 'd.png').exists() and 'img/s' in out
