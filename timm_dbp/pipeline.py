@@ -278,11 +278,14 @@ _HEADER = 2 + _MAX_TENSORS * (2 + _MAX_DIMS)  # present, batch index, then per t
 
 
 class _Link:
-    """Messages to or from one neighbouring rank. A message is (batch index, tensors) or None (nothing this tick).
-    Sends never block (isend); at most `window` sends are in flight before the oldest is waited on."""
+    """Messages to and from one neighbouring rank. A message is (batch index, tensors) or None (nothing this tick).
+    Sends never block (isend); at most `window` sends are in flight before the oldest is waited on. Each direction
+    has its own process group: NCCL runs the point-to-point calls of one communicator in order, so activations going
+    one way and gradients coming back on one communicator would wait on each other (deadlock)."""
 
-    def __init__(self, peer: int, device: torch.device, window: int):
+    def __init__(self, peer: int, device: torch.device, window: int, send_group=None, recv_group=None):
         self.peer, self.device, self.window = peer, device, max(window, 1) + 1
+        self.send_group, self.recv_group = send_group, recv_group
         self.pending = collections.deque()
         self.wait_seconds = 0.0  # time blocked in recv: the neighbour was behind
 
@@ -299,14 +302,14 @@ class _Link:
                 header[base + 2:base + 2 + t.dim()] = torch.tensor(t.shape)
             header[2 + len(tensors) * (2 + _MAX_DIMS)] = -1  # end marker (dtype slot of the next tensor)
         payload = [header.to(self.device)] + [t.detach().contiguous() for t in tensors or []]
-        self.pending.append([dist.isend(t, self.peer) for t in payload] + payload)
+        self.pending.append([dist.isend(t, self.peer, group=self.send_group) for t in payload] + payload)
         while len(self.pending) > self.window:
             self._wait_oldest()
 
     def recv(self) -> Optional[Tuple[int, List[torch.Tensor]]]:
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
         start = time.perf_counter()
-        dist.recv(header, self.peer)
+        dist.recv(header, self.peer, group=self.recv_group)
         header = header.cpu()
         self.wait_seconds += time.perf_counter() - start
         if header[0] == 0:
@@ -318,7 +321,7 @@ class _Link:
                 break
             shape = header[base + 2:base + 2 + int(header[base + 1])].tolist()
             t = torch.empty(shape, dtype=_DTYPES[int(header[base])], device=self.device)
-            dist.recv(t, self.peer)
+            dist.recv(t, self.peer, group=self.recv_group)
             tensors.append(t)
         return int(header[1]), tensors
 
@@ -330,6 +333,18 @@ class _Link:
     def flush(self) -> None:
         while self.pending:
             self._wait_oldest()
+
+
+def _link_groups(num_stages: int) -> Tuple[List[Any], List[Any]]:
+    """Two process groups per neighbouring pair (k, k + 1): one for activations, one for gradients. Every rank makes
+    every group, in the same order (new_group is collective). None without torch.distributed (one stage, tests)."""
+    if num_stages == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [None] * num_stages, [None] * num_stages
+    forward, backward = [], []
+    for k in range(num_stages - 1):
+        forward.append(dist.new_group([k, k + 1]))
+        backward.append(dist.new_group([k, k + 1]))
+    return forward, backward
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -360,8 +375,9 @@ class DecoupledTrainer:
         self.lag = 2 * delay * (num_stages - 1 - rank)  # ticks between forward and backward of one batch here
         self.first, self.last = rank == 0, rank == num_stages - 1
         window = 2 * delay + 1
-        self.to_next = _Link(rank + 1, device, window) if not self.last else None
-        self.to_prev = _Link(rank - 1, device, window) if not self.first else None
+        forward, backward = _link_groups(num_stages)  # per neighbouring pair: activations, gradients
+        self.to_next = None if self.last else _Link(rank + 1, device, window, forward[rank], backward[rank])
+        self.to_prev = None if self.first else _Link(rank - 1, device, window, backward[rank - 1], forward[rank - 1])
         self.version = 0  # optimizer steps of this stage
         self.staleness = collections.Counter()  # optimizer steps between a batch's forward and its update -> batches
         self._params = [(n, p) for n, p in stage.named_parameters() if p.requires_grad]
