@@ -10,6 +10,7 @@ the methods differ only in how the 2 CPU cores are used:
     fdg_k2        K = 2, delay 1: FDG, both stages busy every tick on delayed gradients
     adl_k2        K = 2, delay 1, accumulation 2: ADL (the first stage's gradients at most 1 step stale; the
                   effective batch doubles and timm's linear rule doubles the LR)
+    fdg_k2_shrink05  fdg_k2 with FDG's gradient shrinking, beta = 0.5 (not in the default set)
 
 Runs are interleaved (every method once per seed, then the next seed). Per method: training images per second
 (train.py's train_time: training epochs only, the pipeline's per-epoch fill and flush included), final and best
@@ -39,10 +40,12 @@ METHODS = {
     'locked_k2': (2, 1, ['--decoupled', '2', '--decoupled-delay', '0']),
     'fdg_k2': (2, 1, ['--decoupled', '2']),
     'adl_k2': (2, 1, ['--decoupled', '2', '--grad-accum-steps', '2']),
+    'fdg_k2_shrink05': (2, 1, ['--decoupled', '2', '--decoupled-shrink', '0.5']),
 }
+DEFAULT_METHODS = ['bp_2threads', 'bp_1thread', 'ddp_2proc', 'locked_k2', 'fdg_k2', 'adl_k2']
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+parser.add_argument('--methods', nargs='+', default=DEFAULT_METHODS, choices=list(METHODS))
 parser.add_argument('--model', default='dbp_resnet18')
 parser.add_argument('--opt', default='dbpsgd')
 parser.add_argument('--lr', type=float, default=0.05, help='LR at batch size 128 (scaled linearly with the batch)')
@@ -138,10 +141,10 @@ def main():
         sys.exit(f'every {target_method} run failed: no target')
     target, bp_time, table = summarize(rows, args.methods, target_method)
     print(f'\ntarget = {target_method} final top-1 (median) {target:.2f}%, its training time {bp_time:.1f}s')
-    print(f'{"method":>12} {"img/s":>7} {"final":>7} {"best":>7} {"to target":>9}  raw img/s | final top-1 per seed')
+    print(f'{"method":>16} {"img/s":>7} {"final":>7} {"best":>7} {"to target":>9}  raw img/s | final top-1 per seed')
     for m, t in table.items():
         raw = ' '.join(f'{x:.1f}' for x in t['images_per_s']) + ' | ' + ' '.join(f'{x:.2f}' for x in t['final_top1'])
-        print(f'{m:>12} {t["images_per_s_median"]:7.1f} {t["final_median"]:7.2f} {t["best_median"]:7.2f} '
+        print(f'{m:>16} {t["images_per_s_median"]:7.1f} {t["final_median"]:7.2f} {t["best_median"]:7.2f} '
               f'{t["tta_median"]:9.2f}  {raw}')
     import torch
     meta = dict(date=datetime.now().isoformat(timespec='seconds'), command=' '.join(sys.argv), args=vars(args),
