@@ -604,7 +604,7 @@ def main(argv=None):
     data_config = resolve_data_config(vars(args), model=model, verbose=is_main)
 
     model.to(device=device)
-    trainer = _decoupled_trainer(model, data_config, args, device) if args.decoupled is not None else None
+    trainer = _decoupled_trainer(model, data_config, args, device, checkpoint) if args.decoupled is not None else None
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
@@ -936,14 +936,19 @@ def wrap_ddp(model: nn.Module, device: torch.device, broadcast_buffers: bool = T
     return DistributedDataParallel(model, **kwargs)
 
 
-def _decoupled_trainer(model: nn.Module, data_config: dict, args, device: torch.device) -> DecoupledTrainer:
-    """--decoupled: rank 0's initial weights on every rank, the model split at its stages (the same cuts everywhere:
-    they depend only on the architecture and input size), this rank's stage on `device`, the others on the CPU."""
+def _decoupled_trainer(model: nn.Module, data_config: dict, args, device: torch.device,
+                       checkpoint: Optional[dict] = None) -> DecoupledTrainer:
+    """--decoupled: rank 0's initial weights on every rank, the model split at its stages, this rank's stage on
+    `device`, the others on the CPU. The cuts: --decoupled-cuts, else those of the checkpoint being resumed (a resumed
+    run continues the same split), else the ones that balance the time rank 0 measures, handed to every rank."""
     if args.world_size > 1:
         for tensor in model.state_dict().values():
             torch.distributed.broadcast(tensor, 0)
     sample = torch.randn(args.batch_size, *data_config['input_size'], generator=torch.Generator().manual_seed(0))
     cuts = args.decoupled_cuts
+    saved = (checkpoint or {}).get('decoupled')
+    if cuts is None and saved and len(saved['stages']) == args.decoupled:
+        cuts = [owned[-1] for owned in saved['stages'][:-1]]
     try:
         if cuts is None and args.world_size > 1:  # rank 0 times the stages (forward + backward), all use its cuts
             found = [None]

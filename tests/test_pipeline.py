@@ -337,10 +337,12 @@ def test_train_py_pipeline_resumes_exactly(tiny_fmnist, tmp_path):
     from test_train import run_torchrun
     out = str(tmp_path)
     pipe = ('--decoupled', '2', '--grad-accum-steps', '2')
-    run_torchrun(_train_args(tiny_fmnist, out, 'straight', '--epochs', '2', *pipe))
-    run_torchrun(_train_args(tiny_fmnist, out, 'stopped', '--epochs', '1', *pipe))
+    run_torchrun(_train_args(tiny_fmnist, out, 'straight', '--epochs', '2', '--decoupled-cuts', 'layer1', *pipe))
+    run_torchrun(_train_args(tiny_fmnist, out, 'stopped', '--epochs', '1', '--decoupled-cuts', 'layer1', *pipe))
+    # resumed without --decoupled-cuts: the run continues the checkpoint's split instead of timing a new one
     run_torchrun(_train_args(tiny_fmnist, out, 'stopped', '--epochs', '2', '--resume', 'auto', *pipe))
     a, b = _last(out, 'straight'), _last(out, 'stopped')
+    assert a['decoupled'] == b['decoupled'] and a['decoupled']['stages'][0][-1] == 'layer1'
     for key, value in a['state_dict'].items():
         assert torch.equal(value, b['state_dict'][key]), key
     straight, resumed = _summary(out, 'straight'), _summary(out, 'stopped')
