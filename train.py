@@ -949,15 +949,22 @@ def _decoupled_trainer(model: nn.Module, data_config: dict, args, device: torch.
     saved = (checkpoint or {}).get('decoupled')
     if cuts is None and saved and len(saved['stages']) == args.decoupled:
         cuts = [owned[-1] for owned in saved['stages'][:-1]]
+    stages = None
     try:
         if cuts is None and args.world_size > 1:  # rank 0 times the stages (forward + backward), all use its cuts
             found = [None]
             if args.rank == 0:
-                stages = split_model(model, args.decoupled, sample.to(device), balance='time')
-                found = [[stage.owned[-1] for stage in stages[:-1]]]
+                try:
+                    stages = split_model(model, args.decoupled, sample.to(device), balance='time')
+                    found = [[stage.owned[-1] for stage in stages[:-1]]]
+                except ValueError as e:  # every rank must hear of it, or the others wait here for ever
+                    found = [str(e)]
             torch.distributed.broadcast_object_list(found, 0)
+            if isinstance(found[0], str):
+                raise ValueError(found[0])
             cuts = found[0]
-        stages = split_model(model, args.decoupled, sample.to(device), cuts=cuts)
+        if stages is None:
+            stages = split_model(model, args.decoupled, sample.to(device), cuts=cuts)
         trainer = DecoupledTrainer(stages, args.rank, device, delay=args.decoupled_delay,
                                    accum=args.grad_accum_steps, shrink=args.decoupled_shrink)
     except ValueError as e:
@@ -1004,7 +1011,7 @@ def _gather_decoupled(trainer: DecoupledTrainer, model: nn.Module, optimizer) ->
         torch.distributed.gather_object(own, parts, dst=0)
     if trainer.rank != 0:
         return None
-    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state_dict = {}  # the stages own every tensor of the model exactly once (checked by split_model)
     for part in parts:
         state_dict.update(part['state_dict'])
     return dict(state_dict=state_dict, optimizer=[p['optimizer'] for p in parts],

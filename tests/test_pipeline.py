@@ -427,3 +427,16 @@ def test_a_stage_may_start_with_an_in_place_op():
     out, _ = trainer._forward(received, torch.enable_grad)
     out.sum().backward()
     assert received.grad is not None
+
+
+def test_train_py_split_error_on_rank_0_stops_every_rank(tiny_fmnist, tmp_path):
+    # rank 0 alone times the stages; its error must reach the other ranks (which would otherwise wait for its cuts)
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(root, 'train.py'), *_train_args(tiny_fmnist, str(tmp_path), 'vit', '--decoupled', '2',
+                                                        '--model', 'vit_tiny_patch16_224'), '--device', 'cpu']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode != 0
+    assert proc.stderr.count('not the sequence of its child modules') >= 2  # both ranks say why

@@ -284,7 +284,7 @@ class _Link:
     one way and gradients coming back on one communicator would wait on each other (deadlock)."""
 
     def __init__(self, peer: int, device: torch.device, window: int, send_group=None, recv_group=None):
-        self.peer, self.device, self.window = peer, device, max(window, 1) + 1
+        self.peer, self.device, self.window = peer, device, window + 1
         self.send_group, self.recv_group = send_group, recv_group
         self.pending = collections.deque()
         self.wait_seconds = 0.0  # time blocked in recv: the neighbour was behind

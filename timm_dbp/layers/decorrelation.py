@@ -83,7 +83,7 @@ def fused_weight(
             A = R.to(weight.dtype).T @ A
         if spatial is not None:
             A = A @ spatial.to(weight.dtype)
-    return A if A.shape == weight.shape else A.reshape(weight.shape)  # a new tensor, never a view (see DecorLinear)
+    return A if A.shape == weight.shape else A.reshape(weight.shape)  # no needless view of A (see DecorLinear)
 
 
 def _offdiag_sq_mean(z: torch.Tensor) -> torch.Tensor:
