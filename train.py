@@ -68,7 +68,7 @@ from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
 from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
 from timm_dbp.pipeline import DecoupledTrainer, split_model
 from timm_dbp.utils.checkpoint import (
-    CheckpointError, copy_atomic, load_checkpoint_file, rng_state, save_atomic, set_rng_state,
+    CheckpointError, append_summary, copy_atomic, load_checkpoint_file, rng_state, save_atomic, set_rng_state,
 )
 from timm_dbp.utils.energy import NOT_MEASURED, EnergyMeter, check_country_code, codecarbon_available
 
@@ -815,10 +815,12 @@ def main(argv=None):
         gathered = _gather_decoupled(trainer, model, optimizer) if trainer is not None else None  # collective
         if is_main:
             lrs = [g['lr'] for g in optimizer.param_groups]
-            utils.update_summary(
-                epoch, train_metrics, eval_metrics or {}, filename=os.path.join(output_dir, 'summary.csv'),
-                lr=sum(lrs) / len(lrs), write_header=epoch == 0 or not os.path.exists(
-                    os.path.join(output_dir, 'summary.csv')))
+            summary_path = os.path.join(output_dir, 'summary.csv')
+            if epoch == 0 and os.path.exists(summary_path):
+                os.remove(summary_path)  # a fresh run in an existing --experiment folder starts a new summary
+            append_summary(summary_path, dict(  # timm's columns: epoch, train_*, eval_*, lr
+                epoch=epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
+                **{f'eval_{k}': v for k, v in (eval_metrics or {}).items()}, lr=sum(lrs) / len(lrs)))
             metric = eval_metrics[args.eval_metric] if eval_metrics else None
             if metric is not None and (best_metric is None or metric > best_metric):
                 best_metric, best_epoch = metric, epoch

@@ -30,7 +30,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import yaml
 
@@ -47,6 +46,7 @@ import timm_dbp
 import train
 from timm_dbp.data import FASHION_MNIST_CLASSES
 from timm_dbp.optim import DBP_DEFAULTS
+from timm_dbp.utils.checkpoint import CheckpointError, load_checkpoint_file
 from train import UserError
 
 from .card import CardFacts, render_card
@@ -104,27 +104,12 @@ def find_checkpoint(source: str) -> Tuple[Path, Optional[Path]]:
     raise UserError(f'not found: {source} (give a train.py output folder or a checkpoint file)')
 
 
-def _safe_globals() -> List[Any]:
-    """What torch.load(weights_only=True) must accept in a train.py checkpoint beyond tensors: the argparse
-    Namespace of its args and the NumPy arrays of its RNG state (plain numeric data, no code)."""
-    multiarray = getattr(np, '_core', None) or np.core
-    dtypes = [type(np.dtype(t)) for t in (np.uint8, np.int32, np.int64, np.uint32, np.float32, np.float64, np.bool_)]
-    return [argparse.Namespace, np.ndarray, np.dtype, multiarray.multiarray._reconstruct, *dtypes]
-
-
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """A train.py (or timm train.py) checkpoint, read with torch.load(weights_only=True): never runs pickled code."""
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated zip, garbage, or a pickle that wants more than weights
-        message = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
-        if 'Weights only load failed' in message or 'WeightsUnpickler' in str(e):
-            message = 'it holds objects other than tensors and training args (refused: weights_only loading)'
-        raise UserError(f'cannot read checkpoint {path}: {message}') from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
-        raise UserError(f'{path} is not a training checkpoint (no state_dict)')
-    return checkpoint
+        return load_checkpoint_file(str(path))
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
 
 
 def _read_summary(run_dir: Optional[Path]) -> List[Dict[str, str]]:

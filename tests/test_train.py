@@ -151,6 +151,33 @@ def test_corrupt_checkpoint_is_refused_and_nothing_is_overwritten(tiny_fmnist, t
     assert open(last, 'rb').read() == data[:len(data) // 2]
 
 
+class _NotWeights:  # a pickled object a weights-only load must refuse (it could run code when unpickled)
+    pass
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tiny_fmnist, tmp_path, capsys):
+    out = str(tmp_path)
+    assert train.run(_args(tiny_fmnist, out, 'run', '--epochs', '1')) == 0
+    last = os.path.join(out, 'train', 'run', 'last.pth.tar')
+    checkpoint = torch.load(last, weights_only=False)
+    checkpoint['extra'] = _NotWeights()
+    torch.save(checkpoint, last)
+    err = _error_of(capsys, _args(tiny_fmnist, out, 'run', '--resume', 'auto'))
+    assert 'last.pth.tar' in err and 'weights_only' in err
+
+
+def test_summary_rows_keep_their_columns(tmp_path):
+    from timm_dbp.utils.checkpoint import append_summary
+    path = str(tmp_path / 'summary.csv')
+    append_summary(path, dict(epoch=0, train_loss=2.0, lr=0.1))
+    append_summary(path, dict(epoch=1, train_loss=1.5, eval_top1=40.0, lr=0.05))  # a new column: rewritten
+    append_summary(path, dict(epoch=2, train_loss=1.2, lr=0.01))  # a missing column: an empty cell
+    with open(path) as f:
+        assert f.read().splitlines() == [
+            'epoch,train_loss,lr,eval_top1', '0,2.0,0.1,', '1,1.5,0.05,40.0', '2,1.2,0.01,']
+    assert not os.path.exists(path + '.tmp')
+
+
 def test_num_classes_mismatch_with_checkpoint(tiny_fmnist, tmp_path, capsys):
     out = str(tmp_path)
     assert train.run(_args(tiny_fmnist, out, 'run', '--epochs', '1')) == 0
@@ -222,6 +249,9 @@ def test_timm_recipe_flags_train_dbp(tiny_fmnist, tmp_path, extra):
     assert train.run(argv) == 0
     rows = _summary(str(tmp_path), 'flags')
     assert len(rows) == 2 and int(rows[-1]['train_decor_updates']) > 0
+    assert None not in rows[-1] and 0 <= float(rows[-1]['lr']) <= 0.1  # every value under its own column
+    if '--val-interval' in extra:  # epoch 0 not validated: its eval cells are empty, epoch 1's are filled
+        assert rows[0]['eval_top1'] == '' and rows[0]['eval_ema_top1'] == '' and float(rows[1]['eval_top1']) >= 0
     ckpt = _last(str(tmp_path), 'flags')
     assert all(torch.isfinite(v).all() for k, v in ckpt['state_dict'].items() if k.endswith('decor_matrix'))
 
