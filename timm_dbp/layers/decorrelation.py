@@ -78,11 +78,14 @@ def fused_weight(
     if R is not None and R.shape[0] == d:
         A = weight.reshape(out, d) @ R.to(weight.dtype)
     else:
-        A = weight.reshape(out, weight.shape[1], -1)
-        if R is not None:
-            A = R.to(weight.dtype).T @ A
+        c = weight.shape[1]
+        A = weight.reshape(out, c, -1)
         if spatial is not None:
-            A = A @ spatial.to(weight.dtype)
+            A = A @ spatial.to(weight.dtype)  # one (out c, s) x (s, s) product
+        if R is not None:  # (A_o^T R_c)^T for all o as one (out s, c) x (c, c) product, not `out` small ones
+            s = A.shape[2]
+            A = (A.transpose(1, 2).reshape(out * s, c) @ R.to(weight.dtype)).reshape(out, s, c).transpose(1, 2)
+            A = A.contiguous()  # a transposed view would reach the conv as a channels-last kernel (other rounding)
     return A if A.shape == weight.shape else A.reshape(weight.shape)  # no needless view of A (see DecorLinear)
 
 
