@@ -11,6 +11,8 @@ finished (the process died, e.g. out of memory) is recorded as a crash on the ne
     python scripts/sweep_timm_models.py --out docs/sweep_timm_models.jsonl --summary docs/SWEEP.md  # + a report
     python scripts/sweep_timm_models.py --shuffle 0 --out ... --summary ...   # random order: a stopped sweep is a sample
     python scripts/sweep_timm_models.py --out ... --redo 'efficientnetv2_rw_m'  # check again (the new row wins)
+    python scripts/sweep_timm_models.py --shuffle 0 --threads 1 --shard 0/2 --out a.jsonl &  # 2 processes, each
+    python scripts/sweep_timm_models.py --shuffle 0 --threads 1 --shard 1/2 --out b.jsonl    # on a copy of the output
 
 Input: 64 px for models that take any size (the pretrained cfg's size when the plain model cannot run at 64 px or
 has a fixed input size). Models over --max-params parameters are skipped (recorded as such).
@@ -118,6 +120,12 @@ def summarize(rows: List[Dict], total: int, command: str) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def _append(path: str, row: Dict) -> None:
+    """One JSON line, the file opened for it alone: a file replaced meanwhile (an editor, git) still gets it."""
+    with open(path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('patterns', nargs='*', default=['*'], help='timm.list_models filters (default: all)')
@@ -129,8 +137,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--redo', action='store_true', help='sweep the matching models again even if --out has them')
     parser.add_argument('--shuffle', type=int, default=None, metavar='SEED',
                         help='sweep in a seeded random order (a partial sweep is then a random sample)')
+    parser.add_argument('--shard', default='0/1', metavar='K/N',
+                        help='sweep only every N-th model (of the --shuffle order), from the K-th (0-based): run N '
+                             'processes with --threads 1, each with a copy of --out, then append their new lines')
+    parser.add_argument('--threads', type=int, default=os.cpu_count() or 1, help='torch threads (default: all cores)')
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        shard, num_shards = (int(v) for v in args.shard.split('/'))
+        assert 0 <= shard < num_shards
+    except (ValueError, AssertionError):
+        parser.error(f'--shard must be K/N with 0 <= K < N, got {args.shard!r}')
+    torch.set_num_threads(max(1, args.threads))
     signal.signal(signal.SIGALRM, _alarm)
 
     names = timm.list_models(args.patterns, exclude_filters=['dbp_*'])
@@ -139,20 +156,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = _read(args.out)
     done = {r['model'] for r in rows if r.get('status') != 'started'}
     started = [r['model'] for r in rows if r.get('status') == 'started' and r['model'] not in done]
-    with open(args.out, 'a') as f:
-        for name in ([] if args.report_only else started):  # the previous run died inside this model
-            f.write(json.dumps(dict(model=name, status='crash', problem='the sweep process ended inside this model (killed, out of memory or crashed)')) + '\n')
-            done.add(name)
-        todo = [] if args.report_only else [n for n in names if args.redo or n not in done]
-        if args.shuffle is not None:
-            random.Random(args.shuffle).shuffle(todo)
-        for i, name in enumerate(todo):
-            f.write(json.dumps(dict(model=name, status='started')) + '\n')
-            f.flush()
-            row = sweep_one(name, int(args.max_params), args.timeout)
-            f.write(json.dumps(row) + '\n')
-            f.flush()
-            print(f'[{i + 1}/{len(todo)}] {name}: {row["status"]} {row.get("problem", "")}', flush=True)
+    for name in ([] if args.report_only else started):  # the previous run died inside this model
+        _append(args.out, dict(model=name, status='crash',
+                               problem='the sweep process ended inside this model (killed, out of memory or crashed)'))
+        done.add(name)
+    order = list(names)
+    if args.shuffle is not None:
+        random.Random(args.shuffle).shuffle(order)
+    order = order[shard::num_shards]  # the same split whatever is done already
+    todo = [] if args.report_only else [n for n in order if args.redo or n not in done]
+    for i, name in enumerate(todo):
+        _append(args.out, dict(model=name, status='started'))
+        row = sweep_one(name, int(args.max_params), args.timeout)
+        _append(args.out, row)
+        print(f'[{i + 1}/{len(todo)}] {name}: {row["status"]} {row.get("problem", "")}', flush=True)
     rows = [r for r in _latest(_read(args.out)) if r['model'] in set(names)]
     report = summarize(rows, len(names), 'python scripts/sweep_timm_models.py ' + ' '.join(sys.argv[1:]))
     print(report)

@@ -234,8 +234,36 @@ def test_resnet18_state_bytes_by_structure():
 
 def test_fused_weight_factor_order():
     torch.manual_seed(0)
-    W = torch.randn(2, 3, 4, dtype=torch.double)
+    W = torch.randn(5, 3, 2, 2, dtype=torch.double)
     Rc, Rs = torch.randn(3, 3, dtype=torch.double), torch.randn(4, 4, dtype=torch.double)
-    expected = (W.reshape(2, 12) @ torch.kron(Rc, Rs)).reshape(2, 3, 4)
-    torch.testing.assert_close(fused_weight(W, Rc, Rs), expected)
-    torch.testing.assert_close(fused_weight(W, None, Rs), W @ Rs)
+    expected = (W.reshape(5, 12) @ torch.kron(Rc, Rs)).reshape(W.shape)
+    A = fused_weight(W, Rc, Rs)
+    torch.testing.assert_close(A, expected)
+    assert A.is_contiguous()  # a transposed view would reach the conv as a channels-last kernel
+    torch.testing.assert_close(fused_weight(W, None, Rs), (W.reshape(5, 3, 4) @ Rs).reshape(W.shape))
+    torch.testing.assert_close(fused_weight(W, Rc, None), torch.einsum('cd,ocij->odij', Rc, W))
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_one_by_one_conv_applies_R_to_the_smaller_input(groups, monkeypatch):
+    """A 1x1 conv's R acts on channels: on an input smaller than the kernel it is applied to x (R_c x, then W),
+    otherwise fused (W R); both are conv(x, W R), and both give W the gradient of BP on z = R x."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(4, 64, 1, stride=2, groups=groups).double()
+    layer = _perturbed(DecorConv2d.from_conv(plain))
+    assert layer.decor_structure == 'full' and layer.decor_matrix.shape[0] == 4 // groups
+    A = (plain.weight.reshape(64, -1) @ layer.decor_matrix).reshape(plain.weight.shape)
+    for shape in [(1, 4, 3, 3), (2, 4, 8, 8)]:
+        x = torch.randn(*shape, dtype=torch.double)
+        assert (x.numel() < layer.weight.numel()) == (shape[0] == 1)  # one shape per path
+        expected = F.conv2d(x, A, plain.bias, stride=2, groups=groups)
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(F, 'conv2d', lambda *a, _conv=F.conv2d, **k: calls.append(1) or _conv(*a, **k))
+            torch.testing.assert_close(layer(x), expected)
+        assert len(calls) == (2 if shape[0] == 1 else 1)  # R_c x then the conv, or one fused conv
+        g = torch.randn_like(expected)
+        grad_w, = torch.autograd.grad(layer(x), layer.weight, g)
+        A_var = A.detach().requires_grad_()
+        dA, = torch.autograd.grad(F.conv2d(x, A_var, plain.bias, stride=2, groups=groups), A_var, g)
+        torch.testing.assert_close(grad_w, (dA.reshape(64, -1) @ layer.decor_matrix.T).reshape(plain.weight.shape))

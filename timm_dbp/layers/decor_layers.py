@@ -9,9 +9,9 @@ R's structure (`decor_structure`, see `timm_dbp.layers.decorrelation`):
     kron     `decor_matrix` is c x c and `decor_spatial` s x s, s = kh * kw (a 1x1 conv: same as channel)
 
 Forward: A = W R is fused into one ordinary conv / linear with the layer's own stride, padding, dilation,
-groups and bias. With a channel factor, R_c is applied to the input instead (a 1x1 conv) whenever the input
-has fewer elements than the kernel, which is cheaper (costs B H W C c against C_out c^2 s) and gives the
-same output. Either way the gradient for W equals backprop on the decorrelated input z = R x.
+groups and bias. With a channel factor (channel, kron, and the R of any 1x1 conv), R_c is applied to the input
+instead (a 1x1 conv) whenever the input has fewer elements than the kernel, which is cheaper (costs B H W C c
+against C_out c^2 s) and gives the same output. Either way the gradient for W equals backprop on the decorrelated input z = R x.
 
 R is never trained by autograd. A DBP optimizer arms a layer (`decor_samples > 0`) for the forward of
 a step that updates R; that forward then stores a random sample of its inputs (patches or rows, drawn
@@ -295,11 +295,14 @@ class DecorConv2d(DecorLayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.decor_samples > 0:
             self._store_decor_inputs(x)
-        if self.decor_structure != 'full' and x.numel() < self.weight.numel():
-            # R_c on the input (cheaper here), the spatial factor (if any) fused into W
+        if self.decor_matrix.shape[0] == self.weight.shape[1] and x.numel() < self.weight.numel():
+            # R acts on channels (channel, kron, or any 1x1 conv) and the input is the smaller: R_c on the input,
+            # the spatial factor (if any) fused into W
             channel_kernel = self.decor_matrix.repeat(self.groups, 1)[:, :, None, None].to(x.dtype)
             x = F.conv2d(x, channel_kernel, groups=self.groups)
-            return self._conv_forward(x, fused_weight(self.weight, None, self._spatial_factor()), self.bias)
+            spatial = self._spatial_factor()
+            return self._conv_forward(x, self.weight if spatial is None else fused_weight(self.weight, None, spatial),
+                                      self.bias)
         return self._conv_forward(x, self.decorrelated_weight(), self.bias)
 
     @classmethod
