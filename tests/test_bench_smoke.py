@@ -80,6 +80,25 @@ def test_time_to_accuracy_smoke(tmp_path):
                  '--epochs', '1', '--train-num-samples', '128', '--val-num-samples', '128',
                  '--runs-dir', str(tmp_path / 'runs'), '--out', str(tmp_path / 't2'))
     assert '===' not in again
+    # a shorter schedule: its runs are read into 'time to target, any budget'
+    budgets = _run('time_to_accuracy.py', '--methods', 'bp_sgd', 'dbp_kron', '--lr-mults', '1', '--seeds', '0',
+                   '--epochs', '2', '--budgets', '1', '--train-num-samples', '128', '--val-num-samples', '128',
+                   '--runs-dir', str(tmp_path / 'runs'), '--out', str(tmp_path / 't3'))
+    data = json.loads((tmp_path / 't3.json').read_text())
+    assert sorted((r['method'], r['epochs']) for r in data['rows']) == [
+        ('bp_sgd', 1), ('bp_sgd', 2), ('dbp_kron', 1), ('dbp_kron', 2)]
+    for name, entry in data['table'].items():
+        main_run = next(r for r in data['rows'] if r['method'] == name and r.get('chosen'))
+        short_run = next(r for r in data['rows'] if r['method'] == name and r.get('budget'))
+        assert len(main_run['curve']) == 2 and len(short_run['curve']) == 1
+        assert entry['budget_final_top1'] == {'1': [short_run['final_top1']]}
+        crossings = [t for t, acc in main_run['curve'] + short_run['curve'] if acc >= data['meta']['target']]
+        expected = min(crossings) / data['meta']['bp_sgd_time'] if crossings else None
+        assert entry['time_to_target_any'] == [expected]
+    assert 'every schedule' in budgets
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'time_to_accuracy.py'), '--epochs', '2', '--budgets',
+                          '2', '--out', str(tmp_path / 'x')], capture_output=True, text=True)
+    assert bad.returncode == 2 and '--budgets must be' in bad.stderr
 
 
 @pytest.mark.skipif(not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'),
