@@ -117,6 +117,16 @@ def summarize(rows: List[Dict], total: int, command: str) -> str:
     if bad:
         lines += ['| model | status | problem |', '|---|---|---|']
         lines += [f'| {r["model"]} | {r["status"]} | {r.get("problem", "").replace("|", "/")} |' for r in bad]
+        lines += ['']
+    families: Dict[str, Counter] = {}
+    for r in rows:
+        families.setdefault(r.get('module') or '?', Counter())[r['status']] += 1
+    unchecked = sorted(m for m, c in families.items() if not c['ok'])
+    lines += [f'Per timm model file: {len(families)} files, {len(families) - len(unchecked)} with at least one '
+              f'architecture ok' + (f'; none ok in: {", ".join(unchecked)}' if unchecked else '') + '.', '',
+              '| timm model file | ok | skipped (size) | other |', '|---|---:|---:|---:|']
+    lines += [f'| {m} | {c["ok"]} | {c["skipped"]} | {sum(c.values()) - c["ok"] - c["skipped"]} |'
+              for m, c in sorted(families.items())]
     return '\n'.join(lines) + '\n'
 
 
@@ -157,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     done = {r['model'] for r in rows if r.get('status') != 'started'}
     started = [r['model'] for r in rows if r.get('status') == 'started' and r['model'] not in done]
     for name in ([] if args.report_only else started):  # the previous run died inside this model
-        _append(args.out, dict(model=name, status='crash',
+        _append(args.out, dict(model=name, module=_model_to_module.get(name, ''), status='crash',
                                problem='the sweep process ended inside this model (killed, out of memory or crashed)'))
         done.add(name)
     order = list(names)

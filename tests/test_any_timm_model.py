@@ -115,3 +115,37 @@ def test_check_catches_a_wrong_fold(model, x, monkeypatch):
     torch.manual_seed(0)
     result = check_decorrelate(model, x)
     assert not result.ok and 'folded model differs' in result.problems()
+
+
+def test_sweep_script_records_resumes_and_reports_per_family(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts',
+                          'sweep_timm_models.py')
+    out, summary = tmp_path / 'sweep.jsonl', tmp_path / 'SWEEP.md'
+
+    def sweep(*args):
+        proc = subprocess.run([sys.executable, script, '--out', str(out), '--summary', str(summary), '--threads', '1',
+                               *args], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    first = sweep('--max-params', '1e6', 'test_resnet', 'test_vit', 'resnet18')
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    finished = {r['model']: r for r in rows if r['status'] != 'started'}
+    assert finished['test_resnet']['status'] == 'ok' and finished['test_vit']['status'] == 'ok'
+    assert finished['resnet18']['status'] == 'skipped' and '[1/3]' in first
+    report = summary.read_text()
+    assert '3 of 3 architectures swept: 2 ok, 1 skipped' in report
+    assert '| resnet | 1 | 1 | 0 |' in report and '| vision_transformer | 1 | 0 | 0 |' in report
+    assert 'Per timm model file: 2 files, 2 with at least one architecture ok.' in report
+    assert '[1/' not in sweep('--max-params', '1e6', 'test_resnet', 'test_vit', 'resnet18')  # resumed: nothing to do
+    # a process that died inside a model: recorded as a crash on the next run, and the family table says so
+    with open(out, 'a') as f:
+        f.write(json.dumps(dict(model='test_convnext', status='started')) + '\n')
+    sweep('--max-params', '1e6', 'test_resnet', 'test_vit', 'resnet18', 'test_convnext')
+    report = summary.read_text()
+    assert '| test_convnext | crash |' in report and '| convnext | 0 | 0 | 1 |' in report
+    assert 'none ok in: convnext' in report
