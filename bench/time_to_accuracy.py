@@ -22,12 +22,14 @@ target stays BP-SGD's final top-1 of the --epochs schedule.
     python bench/time_to_accuracy.py --out docs/bench_tta   # defaults below; about 1 h on 2 CPU cores
     python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --lr-mults 1 --seeds 0 --epochs 1 \\
         --train-num-samples 512 --out /tmp/tta_smoke   # seconds-long smoke run
-    python bench/time_to_accuracy.py --lr-mults 2 --budgets 1 2 --out docs/bench_tta_budgets   # + shorter schedules
+    python bench/time_to_accuracy.py --lr-mults 2 4 --budgets 1 2 --out docs/bench_tta_budgets   # + shorter schedules
+    python bench/time_to_accuracy.py --train-flags="--sched-on-updates" ...   # cosine stepped every update (note the =)
 """
 import argparse
 import csv
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -85,6 +87,10 @@ parser.add_argument('--train-num-samples', type=int, default=10000)
 parser.add_argument('--val-num-samples', type=int, default=None, help='test images evaluated (default: all 10k)')
 parser.add_argument('-b', '--batch-size', type=int, default=128)
 parser.add_argument('--workers', type=int, default=1)
+parser.add_argument('--train-flags', default='', metavar='"FLAGS"',
+                    help='extra train.py flags for every method, one string after =, e.g. '
+                         '--train-flags="--sched-on-updates"; they are part of each run\'s name, so runs with other '
+                         'flags are never reused')
 parser.add_argument('--runs-dir', default=os.path.join(ROOT, 'output', 'tta'), help='train.py output root')
 parser.add_argument('--out', required=True, help='output prefix: writes <out>.json and <out>.png')
 
@@ -98,14 +104,16 @@ def run_one(args, method, lr_mult, seed, epochs=None):
         at = extra.index('--model-kwargs') + 1 if '--model-kwargs' in extra else len(extra)
         extra = extra[:at] + ([] if '--model-kwargs' in extra else ['--model-kwargs']) + args.model_kwargs + extra[at:]
     lr = base_lr * lr_mult
+    flags = shlex.split(args.train_flags)
     experiment = f'{method}-lr{lr:g}-s{seed}-e{epochs}-n{args.train_num_samples}-b{args.batch_size}'
+    experiment += ''.join('_' + f.strip('-').replace('=', '-').replace('/', '-') for f in flags)
     summary = os.path.join(args.runs_dir, 'train', experiment, 'summary.csv')
     curve = read_curve(summary) if os.path.exists(summary) else []
     if len(curve) < epochs:
         cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
                *recipe_args(epochs, args.batch_size, args.train_num_samples, lr, args.runs_dir, seed,
                             args.workers),
-               '--model', prefix + args.model, '--opt', opt, '--experiment', experiment, *extra]
+               '--model', prefix + args.model, '--opt', opt, '--experiment', experiment, *extra, *flags]
         if args.val_num_samples:
             cmd += ['--val-num-samples', str(args.val_num_samples)]
         print(f'=== {method} lr {lr:g} seed {seed} epochs {epochs}: {" ".join(cmd[1:])}', flush=True)
@@ -119,7 +127,8 @@ def run_one(args, method, lr_mult, seed, epochs=None):
                final_top1=curve[-1][1], best_top1=max(a for _, a in curve), train_time=curve[-1][0])
     with open(summary) as f:  # DBP / energy columns of the last epoch, when present
         last = list(csv.DictReader(f))[-1]
-    row.update({k: float(v) for k, v in last.items() if k.startswith(('train_decor', 'train_energy', 'train_co2')) and v})
+    row.update({k: float(v) for k, v in last.items()
+                if k.startswith(('train_decor', 'train_energy', 'train_co2')) and v})
     print(f'    final {row["final_top1"]:.2f}  best {row["best_top1"]:.2f}  time {row["train_time"]:.1f}s', flush=True)
     return row
 

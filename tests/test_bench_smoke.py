@@ -96,8 +96,8 @@ def test_time_to_accuracy_smoke(tmp_path):
         expected = min(crossings) / data['meta']['bp_sgd_time'] if crossings else None
         assert entry['time_to_target_any'] == [expected]
     assert 'every schedule' in budgets
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'time_to_accuracy.py'), '--epochs', '2', '--budgets',
-                          '2', '--out', str(tmp_path / 'x')], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'time_to_accuracy.py'), '--epochs', '2',
+                          '--budgets', '2', '--out', str(tmp_path / 'x')], capture_output=True, text=True)
     assert bad.returncode == 2 and '--budgets must be' in bad.stderr
 
 
