@@ -104,7 +104,7 @@ def run_one(args, method, lr_mult, seed, epochs=None):
         at = extra.index('--model-kwargs') + 1 if '--model-kwargs' in extra else len(extra)
         extra = extra[:at] + ([] if '--model-kwargs' in extra else ['--model-kwargs']) + args.model_kwargs + extra[at:]
     lr = base_lr * lr_mult
-    flags = shlex.split(args.train_flags)
+    flags = args.train_flag_list
     experiment = f'{method}-lr{lr:g}-s{seed}-e{epochs}-n{args.train_num_samples}-b{args.batch_size}'
     experiment += ''.join('_' + f.strip('-').replace('=', '-').replace('/', '-') for f in flags)
     summary = os.path.join(args.runs_dir, 'train', experiment, 'summary.csv')
@@ -133,6 +133,11 @@ def run_one(args, method, lr_mult, seed, epochs=None):
     return row
 
 
+def _median_missing_last(values):
+    """Median where a None (the target never reached) counts as infinitely slow."""
+    return statistics.median([x if x is not None else float('inf') for x in values])
+
+
 def summarize(rows, methods, target_method='bp_sgd'):
     """Per method at its chosen LR: medians over seeds, and time to the target as a fraction of BP-SGD's time."""
     chosen = {m: [r for r in rows if r['method'] == m and r.get('chosen')] for m in methods}
@@ -150,8 +155,7 @@ def summarize(rows, methods, target_method='bp_sgd'):
             final_median=statistics.median(r['final_top1'] for r in runs),
             best_median=statistics.median(r['best_top1'] for r in runs),
             time_median=statistics.median(r['train_time'] for r in runs) / bp_time,
-            # a run that never reaches the target counts as infinitely slow for the median
-            tta_median=statistics.median([x if x is not None else float('inf') for x in ratios]),
+            tta_median=_median_missing_last(ratios),
             reached=f'{len(reached)}/{len(runs)}',
             energy_kwh=[r.get('train_energy_kwh') for r in runs], co2_kg=[r.get('train_co2_kg') for r in runs],
         )
@@ -160,14 +164,16 @@ def summarize(rows, methods, target_method='bp_sgd'):
         shorter = [r for r in rows if r['method'] == m and r.get('budget') and not r['failed']]
         if shorter:  # earliest crossing over every schedule of the same seed
             any_budget = []
-            for run in runs:
-                crossings = [(time_to_reach(r['curve'], target), r['epochs'])
-                             for r in [run] + [b for b in shorter if b['seed'] == run['seed']]]
-                crossings = [(t / bp_time, e) for t, e in crossings if t is not None]
+            for run, ratio in zip(runs, ratios):  # ratio: this seed's crossing in the --epochs schedule, or None
+                crossings = [(ratio, run['epochs'])] if ratio is not None else []
+                for b in (b for b in shorter if b['seed'] == run['seed']):
+                    t = time_to_reach(b['curve'], target)
+                    if t is not None:
+                        crossings.append((t / bp_time, b['epochs']))
                 any_budget.append(min(crossings) if crossings else (None, None))
             table[m].update(
                 time_to_target_any=[t for t, _ in any_budget], schedule_of_best=[e for _, e in any_budget],
-                tta_any_median=statistics.median([t if t is not None else float('inf') for t, _ in any_budget]),
+                tta_any_median=_median_missing_last([t for t, _ in any_budget]),
                 reached_any=f'{sum(t is not None for t, _ in any_budget)}/{len(runs)}',
                 budget_final_top1={e: [r['final_top1'] for r in shorter if r['epochs'] == e]
                                    for e in sorted({r['epochs'] for r in shorter})})
@@ -205,6 +211,7 @@ def main():
     args = parser.parse_args()
     if any(not 1 <= e < args.epochs for e in args.budgets):
         parser.error(f'--budgets must be epoch counts from 1 to --epochs - 1 ({args.epochs - 1}), got {args.budgets}')
+    args.train_flag_list = shlex.split(args.train_flags)
     rows = []
     sweep_seed, other_seeds = args.seeds[0], args.seeds[1:]
     for lr_mult in args.lr_mults:  # phase 1: LR sweep on the sweep seed, methods interleaved
@@ -254,7 +261,7 @@ def main():
             raw = ' '.join('-' if x is None else f'{x:.2f} ({e})'
                            for x, e in zip(t['time_to_target_any'], t['schedule_of_best']))
             finals = '  '.join(f'{statistics.median(v):8.2f}' if v else f'{"-":>8}'
-                               for v in t['budget_final_top1'].values())
+                               for v in (t['budget_final_top1'].get(e) for e in sorted(args.budgets)))
             print(f'{m:>18} {t["tta_any_median"]:9.2f} {t["reached_any"]:>7}  {raw}  {finals}')
     import torch
     meta = dict(date=datetime.now().isoformat(timespec='seconds'), command=' '.join(sys.argv), args=vars(args),

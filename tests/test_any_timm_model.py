@@ -1,5 +1,10 @@
 """ decorrelate() on any timm architecture: a fixed sample of timm's families (the whole registry is swept by
 scripts/sweep_timm_models.py, result in docs/SWEEP.md), and the rule for layers whose weight the model reads itself """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -118,10 +123,6 @@ def test_check_catches_a_wrong_fold(model, x, monkeypatch):
 
 
 def test_sweep_script_records_resumes_and_reports_per_family(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts',
                           'sweep_timm_models.py')
     out, summary = tmp_path / 'sweep.jsonl', tmp_path / 'SWEEP.md'
