@@ -57,12 +57,13 @@ METHODS = {
     'dbp_kron': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_kron_k05': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0.5']),
     'dbp_kron_kauto': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', 'auto']),
-    # the cost levers of the kron default: R updated every 4th step (at the same or 4x the decor_lr), decor_lr 1e-2
+    # the cost lever of the kron default: R updated every 4th step (at the same or 4x the decor_lr)
     'dbp_kron_i4': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-interval', '4']),
     'dbp_kron_i4_dlr4e-3': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-interval', '4',
                                                      '--decor-lr', '4e-3']),
-    'dbp_kron_dlr1e-2': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', '1e-2']),
-    'dbp_kron_dlr1e-4': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', '1e-4']),
+    # the decor_lr sweep of the kron default (the default is 1e-3)
+    **{f'dbp_kron_dlr{dlr}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', dlr])
+       for dlr in ('1e-4', '3e-4', '3e-3', '1e-2', '3e-2')},
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
     **{f'xconv{r}_sgd': ('', 'sgd', 0.05, ['--sketch-probes', str(r)]) for r in (2, 8, 32)},
