@@ -5,7 +5,7 @@ Built from timm's library pieces (timm.data, timm.loss, timm.optim, timm.schedul
 names, defaults and YAML configs (`-c/--config`), so a timm command carries over by changing `--model` and `--opt`:
 
     python train.py --data-dir /imagenet --model dbp_resnet18 --opt dbpsgd --lr 0.5 -b 256 --epochs 90 \
-        --opt-kwargs decor_lr=1e-3 kappa=0.0
+        --opt-kwargs decor_lr=3e-3 kappa=0.0
     python train.py --dataset fashion_mnist --model dbp_test_resnet --opt dbpsgd --img-size 32 --epochs 2
 
 One process or many: `torchrun --nproc_per_node=N train.py ...` (CPU: gloo, CUDA: nccl). Under DDP every rank
@@ -180,7 +180,7 @@ group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help
 group.add_argument('--clip-mode', type=str, default='norm', choices=('norm', 'value', 'agc'), help='clipping mode')
 group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
 group.add_argument('--opt-kwargs', dest='opt_args', nargs='*', default={}, action=utils.ParseKwargs,
-                   help='optimizer kwargs, e.g. --opt-kwargs decor_lr=1e-3 kappa=0.5')
+                   help='optimizer kwargs, e.g. --opt-kwargs decor_lr=3e-3 kappa=0.5')
 
 # DBP parameters (shortcuts for the DBP optimizer kwargs; --opt-kwargs works as well)
 group = parser.add_argument_group('DBP parameters')
@@ -428,10 +428,13 @@ def check_model_name(name: str) -> None:
         raise UserError(f'unknown model {name!r}.{hint} DBP models: {", ".join(timm.list_models("dbp_*"))}')
 
 
+DBP_SHORTCUTS = ('decor_lr', 'kappa', 'decor_samples', 'decor_interval')  # --decor-lr, --kappa, ...: None = default
+
+
 def _optimizer_kwargs(args) -> dict:
     """timm's optimizer kwargs (incl. --opt-kwargs), with the --decor-* / --kappa shortcuts on top."""
     kwargs = optimizer_kwargs(cfg=args)
-    for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval'):
+    for name in DBP_SHORTCUTS:
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     return kwargs
@@ -635,6 +638,11 @@ def main(argv=None):
     except (ValueError, TypeError) as e:
         raise UserError(f'cannot create optimizer {args.opt!r}: {e}') from None
     dbp = dbp_optimizer_of(optimizer)  # also inside lookahead_
+    if dbp is not None and any(getattr(args, name) is None for name in DBP_SHORTCUTS):
+        # args.yaml records the DBP settings the run used, not None for "the library default of that day"
+        for name in DBP_SHORTCUTS:
+            setattr(args, name, dbp.param_groups[0][name])
+        args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     if trainer is not None:
         trainer.attach_optimizer(optimizer)
 

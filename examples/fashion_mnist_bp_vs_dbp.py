@@ -23,9 +23,9 @@ parser.add_argument('--epochs', type=int, default=4)
 parser.add_argument('--train-num-samples', type=int, default=20000, help='first N of the 60k training images')
 parser.add_argument('-b', '--batch-size', type=int, default=128)
 parser.add_argument('--lr', type=float, default=0.05)
-parser.add_argument('--decor-lr', type=float, default=1e-3)
-parser.add_argument('--kappa', type=float, default=0.0)
-parser.add_argument('--decor-interval', type=int, default=1, help='DBP: update R every k steps')
+parser.add_argument('--decor-lr', type=float, default=None, help='DBP: learning rate of R (default: the library\'s)')
+parser.add_argument('--kappa', type=float, default=None, help='DBP: kappa (default: the library\'s)')
+parser.add_argument('--decor-interval', type=int, default=None, help='DBP: update R every k steps (default: the library\'s)')
 parser.add_argument('--workers', type=int, default=1)
 parser.add_argument('--output', default=os.path.join(ROOT, 'output', 'fmnist-bp-vs-dbp'))
 parser.add_argument('train_args', nargs='*', help='extra train.py flags for both runs (after --)')
@@ -78,8 +78,9 @@ def main():
     curves = {}
     for name, model, opt in RUNS:
         experiment = f'{stamp}-{name.lower()}'
-        extra = ['--decor-lr', str(args.decor_lr), '--kappa', str(args.kappa),
-                 '--decor-interval', str(args.decor_interval)] if opt.startswith('dbp') else []
+        dbp_flags = {'--decor-lr': args.decor_lr, '--kappa': args.kappa, '--decor-interval': args.decor_interval}
+        extra = [x for flag, value in dbp_flags.items() if value is not None and opt.startswith('dbp')
+                 for x in (flag, str(value))]
         cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *common, '--model', model, '--opt', opt,
                '--experiment', experiment, *extra, *args.train_args]
         print(f'=== {name}: {" ".join(cmd[1:])}', flush=True)

@@ -14,3 +14,13 @@ def test_readme_model_table_is_current():
     start, end = '<!-- dbp-models-table -->\n', '<!-- /dbp-models-table -->'
     table = readme[readme.index(start) + len(start):readme.index(end)]
     assert table == module.model_table(), 'README table outdated: python scripts/model_table.py'
+
+
+def test_readme_dbp_options_table_shows_the_library_defaults():
+    import timm_dbp
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        rows = {cells[1].strip(' `'): cells[2].strip(' `') for cells in (line.split('|') for line in f)
+                if len(cells) > 3}
+    for name, default in timm_dbp.DBP_DEFAULTS.items():
+        assert name in rows, f'README has no row for DBP option {name}'
+        assert float(rows[name]) == float(default), f'README says {name} defaults to {rows[name]}, the code {default}'

@@ -4,7 +4,9 @@ import os
 
 import pytest
 import torch
+import yaml
 
+import timm_dbp
 import train
 
 
@@ -265,6 +267,14 @@ def test_auto_kappa_and_structured_R_from_the_command_line(tiny_fmnist, tmp_path
     state = _last(str(tmp_path), 'auto')['state_dict']
     assert state['layer1.0.conv1.decor_matrix'].shape[0] == state['layer1.0.conv1.weight'].shape[1]  # channel factor
     assert ('layer1.0.conv1.decor_spatial' in state) == (structure == 'kron')
+    # args.yaml records the DBP settings used, defaults resolved (not None), and loads back as a config
+    args_yaml = os.path.join(str(tmp_path), 'train', 'auto', 'args.yaml')
+    recorded = yaml.safe_load(open(args_yaml))
+    assert (recorded['decor_lr'], recorded['kappa']) == (1e-3, 'auto')
+    assert (recorded['decor_samples'], recorded['decor_interval']) == (
+        timm_dbp.DBP_DEFAULTS['decor_samples'], timm_dbp.DBP_DEFAULTS['decor_interval'])
+    reloaded, _ = train._parse_args(['-c', args_yaml])
+    assert (reloaded.decor_samples, reloaded.kappa) == (recorded['decor_samples'], 'auto')
 
 
 @pytest.mark.parametrize('value', ['0', '-2', 'x'])
