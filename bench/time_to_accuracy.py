@@ -61,6 +61,10 @@ METHODS = {
     'dbp_kron_i4': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-interval', '4']),
     'dbp_kron_i4_dlr4e-3': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-interval', '4',
                                                      '--decor-lr', '4e-3']),
+    # the decor_interval lever at the section-21 decor_lr (pinned, so the name says what ran)
+    **{f'dbp_kron_i{k}_dlr3e-3': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
+                                                          '--decor-interval', str(k), '--decor-lr', '3e-3'])
+       for k in (2, 4)},
     # the decor_lr sweep of the kron default (section 21; dbp_kron ran with the default of its time: 1e-3 before
     # section 21, 3e-3 since)
     **{f'dbp_kron_dlr{dlr}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', dlr])
