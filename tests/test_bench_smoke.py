@@ -23,6 +23,19 @@ def test_step_cost_smoke(tmp_path):
     assert (tmp_path / 's.png').exists() and 'ratio' in out
 
 
+def test_layer_costs_smoke(tmp_path):
+    out = _run('layer_costs.py', '--config', 'test_resnet:32:4', '--repeats', '1', '--out', str(tmp_path / 'l'))
+    result = json.loads((tmp_path / 'l.json').read_text())
+    import timm
+    import timm_dbp
+    expected = [n for n, _ in timm_dbp.decor_layers(timm.create_model('dbp_test_resnet'))]
+    assert [row['layer'] for row in result['layers']] == expected  # every DBP layer, in model order
+    assert {row['path'] for row in result['layers']} <= {'fused', 'input'}
+    assert all(row['update_s'] > 0 and row['plain_fwd_bwd_s'] > 0 for row in result['layers'])
+    assert result['fusion_by_path_s']['fused'] + result['fusion_by_path_s']['input'] == pytest.approx(
+        result['totals_s']['fusion']) and 'R update' in out
+
+
 def test_inference_smoke(tmp_path):
     _run('inference.py', '--model', 'test_resnet', '--img-size', '32', '-b', '2', '--repeats', '1',
          '--out', str(tmp_path / 'i.json'))

@@ -1,0 +1,116 @@
+""" Where the DBP overhead sits: per DBP layer, the cost of its fusion, its sampling and its R update
+
+bench/step_cost.py splits the DBP overhead of a whole training step into fusion, sampling and R update; this script
+splits each part by layer, so the next lever is visible (which layers, which forward path, which sizes).
+For every DecorConv2d / DecorLinear of dbp_<model>, on the input that layer sees in a forward of a random batch:
+    fusion    forward + backward (grads of input and weight) of the DBP layer minus the same of the plain conv /
+              linear with the layer's weight (median of --repeats interleaved pairs); `path` says how R is applied:
+              'fused' (A = W R is the kernel) or 'input' (R_c on the input, a 1x1 conv; the spatial factor fused)
+    sample    drawing decor_samples inputs from that input (the armed forward's extra work)
+    update    one R update from that sample (`update_decorrelation`, decor_lr = 0 so R stays the same)
+
+    python bench/layer_costs.py --config resnet18:64:64 --out docs/bench_layer_costs   # JSON with every layer
+    python bench/layer_costs.py --config test_resnet:32:128 --repeats 3                 # the Fashion-MNIST model
+"""
+import argparse
+import json
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_dbp  # noqa: F401  registers dbp_ models
+from timm_dbp import DBP_DEFAULTS, decor_layers
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument('--config', default='resnet18:64:64', help='model:img_size:batch_size (DBP twin: dbp_<model>)')
+parser.add_argument('--repeats', type=int, default=7)
+parser.add_argument('--samples', type=int, default=DBP_DEFAULTS['decor_samples'])
+parser.add_argument('--out', default=None, help='output prefix: writes <out>.json')
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def forward_backward(layer, x, plain):
+    x = x.detach().requires_grad_()
+    if plain:
+        y = layer._conv_forward(x, layer.weight, layer.bias) if hasattr(layer, 'kernel_size') else F.linear(
+            x, layer.weight, layer.bias)
+    else:
+        y = layer(x)
+    y.sum().backward()
+    layer.weight.grad = None
+
+
+def forward_path(layer, x):
+    channel_factor = layer.decor_matrix.shape[0] == layer.weight.shape[1]
+    return 'input' if hasattr(layer, 'kernel_size') and channel_factor and x.numel() < layer.weight.numel() else 'fused'
+
+
+def main():
+    args = parser.parse_args()
+    name, img, batch = args.config.split(':')
+    torch.manual_seed(0)
+    model = timm.create_model(f'dbp_{name}', num_classes=100).train()
+    layers = list(decor_layers(model))
+    inputs = {}
+    hooks = [layer.register_forward_pre_hook(lambda _, a, n=n: inputs.__setitem__(n, a[0].detach()))
+             for n, layer in layers]
+    model(torch.randn(int(batch), 3, int(img), int(img)))
+    for hook in hooks:
+        hook.remove()
+
+    rows = []
+    for n, layer in layers:
+        x = inputs[n]
+        pairs = {True: [], False: []}
+        for _ in range(args.repeats + 1):  # plain / DBP interleaved; the first pair warms up
+            for plain in (True, False):
+                t0 = time.perf_counter()
+                forward_backward(layer, x, plain)
+                pairs[plain].append(time.perf_counter() - t0)
+        plain_s, dbp_s = (statistics.median(pairs[p][1:]) for p in (True, False))
+        layer.decor_samples = args.samples
+        with torch.no_grad():
+            armed = median_time(lambda: layer(x), args.repeats)
+            layer.decor_samples = 0
+            unarmed = median_time(lambda: layer(x), args.repeats)
+            layer.decor_samples = args.samples
+            layer(x)
+        layer.decor_samples = 0
+        sample = layer.take_decor_inputs()
+        update_s = median_time(lambda: layer.update_decorrelation(sample, lr=0.0, kappa=0.0), args.repeats)
+        rows.append(dict(
+            layer=n, structure=layer.decor_structure, weight=list(layer.weight.shape), input=list(x.shape),
+            R=list(layer.decor_matrix.shape), spatial=list(layer.decor_spatial.shape), path=forward_path(layer, x),
+            plain_fwd_bwd_s=plain_s, dbp_fwd_bwd_s=dbp_s, fusion_s=dbp_s - plain_s, sample_s=armed - unarmed,
+            update_s=update_s))
+        r = rows[-1]
+        print(f'{n:26s} W {str(tuple(r["weight"])):18s} x {str(tuple(r["input"])):18s} {r["path"]:5s} '
+              f'fusion {r["fusion_s"] * 1e3:+7.2f} ms  sample {r["sample_s"] * 1e3:+6.2f} ms  '
+              f'update {r["update_s"] * 1e3:6.2f} ms  (plain fwd+bwd {plain_s * 1e3:6.2f} ms)', flush=True)
+    totals = {part: sum(r[f'{part}_s'] for r in rows) for part in ('plain_fwd_bwd', 'fusion', 'sample', 'update')}
+    by_path = {path: sum(r['fusion_s'] for r in rows if r['path'] == path) for path in ('fused', 'input')}
+    print(f'total: plain conv/linear fwd+bwd {totals["plain_fwd_bwd"] * 1e3:.1f} ms; DBP fusion '
+          f'{totals["fusion"] * 1e3:+.1f} ms (fused layers {by_path["fused"] * 1e3:+.1f}, input-path layers '
+          f'{by_path["input"] * 1e3:+.1f}), sampling {totals["sample"] * 1e3:+.1f} ms, R update '
+          f'{totals["update"] * 1e3:.1f} ms')
+    meta = dict(config=args.config, repeats=args.repeats, samples=args.samples, threads=torch.get_num_threads(),
+                torch=torch.__version__, timm=timm.__version__)
+    if args.out:
+        with open(f'{args.out}.json', 'w') as f:
+            json.dump(dict(meta=meta, totals_s=totals, fusion_by_path_s=by_path, layers=rows), f, indent=1)
+        print(f'wrote {args.out}.json')
+
+
+if __name__ == '__main__':
+    main()
