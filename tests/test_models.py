@@ -1,5 +1,6 @@
 """ Tests of the registered dbp_ models, decorrelate() on timm models and fold() (timm's own model tests run
 separately on the dbp_ models, see scripts/test.sh) """
+import argparse
 import copy
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.models import load_checkpoint
 from timm.models._registry import _model_to_module
+from timm.utils import ParseKwargs
 
 import timm_dbp
 from timm_dbp import DecorConv2d, DecorLinear, decor_layers, fold
@@ -113,6 +115,19 @@ def test_options_and_unknown_kwargs():
     assert isinstance(model.layer2[0].conv1, DecorConv2d)  # d = 64 * 9
     with pytest.raises(TypeError):
         timm.create_model('dbp_test_resnet', not_an_arg=1)
+
+
+def test_dbp_exclude_as_a_string_is_one_pattern_or_a_comma_list():
+    # --model-kwargs dbp_exclude=layer4.* passes a str: it must not become the patterns 'l', 'a', ..., '*' (all layers)
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    kwargs = parser.parse_args(['--model-kwargs', 'dbp_exclude=layer4.*']).model_kwargs
+    names = [n for n, _ in decor_layers(timm.create_model('dbp_resnet18', device='meta', **kwargs))]
+    assert len(names) == 16 and not any(n.startswith('layer4') for n in names) and 'fc' in names
+    names = [n for n, _ in decor_layers(timm.create_model('dbp_resnet18', device='meta', dbp_exclude='layer4.*, fc'))]
+    assert len(names) == 15 and 'fc' not in names
+    with pytest.raises(TypeError, match='dbp_exclude'):
+        timm.create_model('dbp_resnet18', device='meta', dbp_exclude=[4])
 
 
 def test_features_only_and_forward_head():
