@@ -375,8 +375,12 @@ def _parse_args(argv=None):
         args.data_dir = args.data
     if args.energy_country is None:  # resolved here so that args.yaml records the country used
         args.energy_country = os.environ.get('TIMM_DBP_ENERGY_COUNTRY') or 'USA'
-    args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
-    return args, args_text
+    return args, _args_yaml(args)
+
+
+def _args_yaml(args) -> str:
+    """The text of a run's args.yaml (loadable again with -c)."""
+    return yaml.safe_dump(args.__dict__, default_flow_style=False)
 
 
 def _check_args(args) -> None:
@@ -638,11 +642,10 @@ def main(argv=None):
     except (ValueError, TypeError) as e:
         raise UserError(f'cannot create optimizer {args.opt!r}: {e}') from None
     dbp = dbp_optimizer_of(optimizer)  # also inside lookahead_
-    if dbp is not None and any(getattr(args, name) is None for name in DBP_SHORTCUTS):
-        # args.yaml records the DBP settings the run used, not None for "the library default of that day"
+    if dbp is not None:  # args.yaml records the DBP settings the run used, not None for "the default of that day"
         for name in DBP_SHORTCUTS:
             setattr(args, name, dbp.param_groups[0][name])
-        args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
+        args_text = _args_yaml(args)
     if trainer is not None:
         trainer.attach_optimizer(optimizer)
 

@@ -52,8 +52,7 @@ def forward_backward(layer, x, plain):
 
 
 def forward_path(layer, x):
-    channel_factor = layer.decor_matrix.shape[0] == layer.weight.shape[1]
-    return 'input' if hasattr(layer, 'kernel_size') and channel_factor and x.numel() < layer.weight.numel() else 'fused'
+    return 'input' if hasattr(layer, 'channel_factor_on_input') and layer.channel_factor_on_input(x) else 'fused'
 
 
 def main():

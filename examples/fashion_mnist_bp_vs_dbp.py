@@ -79,8 +79,8 @@ def main():
     for name, model, opt in RUNS:
         experiment = f'{stamp}-{name.lower()}'
         dbp_flags = {'--decor-lr': args.decor_lr, '--kappa': args.kappa, '--decor-interval': args.decor_interval}
-        extra = [x for flag, value in dbp_flags.items() if value is not None and opt.startswith('dbp')
-                 for x in (flag, str(value))]
+        extra = [x for flag, value in dbp_flags.items() if value is not None
+                 for x in (flag, str(value))] if opt.startswith('dbp') else []
         cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *common, '--model', model, '--opt', opt,
                '--experiment', experiment, *extra, *args.train_args]
         print(f'=== {name}: {" ".join(cmd[1:])}', flush=True)

@@ -1,4 +1,4 @@
-from .convert import decor_layers, decorrelate, fill_decor_matrices, fold, fold_state_dict
+from .convert import decor_layers, decorrelate, exclude_patterns, fill_decor_matrices, fold, fold_state_dict
 from .decor_layers import (
     DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, DecorConv2d, DecorLayer, DecorLinear, find_decor_layer,
     sample_conv_patches, sample_pixels, sample_rows)

@@ -9,7 +9,7 @@ import inspect
 import re
 from fnmatch import fnmatch
 from functools import lru_cache, partial
-from typing import Dict, FrozenSet, Iterator, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,9 +20,20 @@ from .decor_layers import DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, Dec
 from .decorrelation import fused_weight
 from .sketched_conv import SketchedConv2d, SketchedDecorConv2d, make_sketched
 
-__all__ = ['decorrelate', 'fold', 'fold_state_dict', 'fill_decor_matrices', 'decor_layers']
+__all__ = ['decorrelate', 'fold', 'fold_state_dict', 'fill_decor_matrices', 'decor_layers', 'exclude_patterns']
 
 _CONVERTIBLE_LINEAR = (nn.Linear, TimmLinear)  # exact types; subclasses may change the maths
+
+
+def exclude_patterns(exclude: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """`decorrelate(exclude=...)` as a tuple of fnmatch patterns: a sequence of patterns, or one string holding one
+    pattern or several joined by commas (as `--model-kwargs dbp_exclude=layer4.*,fc` passes them; module names never
+    contain commas). Anything but strings is refused (TypeError)."""
+    if isinstance(exclude, str):
+        exclude = [pattern.strip() for pattern in exclude.split(',') if pattern.strip()]
+    if not all(isinstance(pattern, str) for pattern in exclude):
+        raise TypeError(f'dbp_exclude must be fnmatch patterns (str), got {exclude!r}')
+    return tuple(exclude)
 
 
 def decor_layers(model: nn.Module) -> Iterator[Tuple[str, DecorLayer]]:
@@ -79,7 +90,7 @@ def _sketched_decor_conv(conv: SketchedConv2d, decor_structure: str) -> Sketched
 
 def decorrelate(
         model: nn.Module,
-        exclude: Sequence[str] = (),
+        exclude: Union[str, Sequence[str]] = (),
         max_dim: Optional[int] = None,
         conv: bool = True,
         linear: bool = True,
@@ -94,7 +105,7 @@ def decorrelate(
 
     Args:
         model: Any torch module; if it is itself a convertible layer, its DBP twin is returned.
-        exclude: fnmatch patterns of module names to leave plain (e.g. ['conv1', 'layer4.*']).
+        exclude: fnmatch patterns of module names to leave plain (e.g. ['conv1', 'layer4.*'], or 'conv1,layer4.*').
         max_dim: Leave layers whose input dimension d (C_in / groups * kh * kw, or in_features) exceeds it.
         conv: Convert Conv2d layers.
         linear: Convert Linear layers.
@@ -104,7 +115,7 @@ def decorrelate(
     Returns:
         The converted model.
     """
-    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    exclude = exclude_patterns(exclude)
     if max_dim is not None and max_dim < 1:
         raise ValueError(f'max_dim must be >= 1 or None, got {max_dim}')
     if structure not in DECOR_STRUCTURES:

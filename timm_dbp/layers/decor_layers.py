@@ -292,12 +292,15 @@ class DecorConv2d(DecorLayer, nn.Conv2d):
         nn.Conv2d.__init__(self, *args, device=device, dtype=dtype, **kwargs)
         self._init_decor(decor_structure, device=device, dtype=dtype)
 
+    def channel_factor_on_input(self, x: torch.Tensor) -> bool:
+        """Whether the forward applies R_c to the input x (a 1x1 conv) instead of fusing it into W: R acts on
+        channels (channel, kron, or any 1x1 conv) and x has fewer elements than the kernel."""
+        return self.decor_matrix.shape[0] == self.weight.shape[1] and x.numel() < self.weight.numel()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.decor_samples > 0:
             self._store_decor_inputs(x)
-        if self.decor_matrix.shape[0] == self.weight.shape[1] and x.numel() < self.weight.numel():
-            # R acts on channels (channel, kron, or any 1x1 conv) and the input is the smaller: R_c on the input,
-            # the spatial factor (if any) fused into W
+        if self.channel_factor_on_input(x):  # R_c on the input, the spatial factor (if any) fused into W
             channel_kernel = self.decor_matrix.repeat(self.groups, 1)[:, :, None, None].to(x.dtype)
             x = F.conv2d(x, channel_kernel, groups=self.groups)
             spatial = self._spatial_factor()

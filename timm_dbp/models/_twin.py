@@ -15,7 +15,7 @@ from torch import nn
 
 from timm.models import get_pretrained_cfg, model_entrypoint
 
-from timm_dbp.layers import DEFAULT_STRUCTURE, decorrelate, fill_decor_matrices
+from timm_dbp.layers import DEFAULT_STRUCTURE, decorrelate, exclude_patterns, fill_decor_matrices
 
 from ._pretrained import build_dbp_model, check_pretrained_fits, fold_adapted_input_convs
 
@@ -26,16 +26,10 @@ StateDict = Dict[str, torch.Tensor]
 
 def pop_dbp_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """Take a dbp_ model's own arguments out of `kwargs`, as `decorrelate()` arguments:
-    dbp_exclude (fnmatch patterns of module names kept plain: a sequence, or one string with patterns joined by
-    commas), dbp_max_dim (keep layers with input dimension d above it
+    dbp_exclude (fnmatch patterns of module names kept plain, see `exclude_patterns`), dbp_max_dim (keep layers with input dimension d above it
     plain), dbp_linear (decorrelate Linear layers too) and dbp_structure (R of the convs: 'full', 'channel', 'kron')."""
-    exclude = kwargs.pop('dbp_exclude', ())
-    if isinstance(exclude, str):  # one pattern, or several joined by commas (as --model-kwargs passes them)
-        exclude = [pattern.strip() for pattern in exclude.split(',') if pattern.strip()]
-    if not all(isinstance(pattern, str) for pattern in exclude):
-        raise TypeError(f'dbp_exclude must be fnmatch patterns (str), got {exclude!r}')
     return dict(
-        exclude=tuple(exclude),
+        exclude=exclude_patterns(kwargs.pop('dbp_exclude', ())),
         max_dim=kwargs.pop('dbp_max_dim', None),
         linear=kwargs.pop('dbp_linear', True),
         structure=kwargs.pop('dbp_structure', DEFAULT_STRUCTURE),
