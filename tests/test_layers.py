@@ -49,6 +49,10 @@ def test_sampled_patches_are_unfold_patches(cfg):
     torch.testing.assert_close(key(everything), key(ref))
     channels_last = sample_conv_patches(x.to(memory_format=torch.channels_last), conv, num_samples=10 ** 6)
     torch.testing.assert_close(key(channels_last), key(ref))
+    gen = lambda: torch.Generator().manual_seed(3)
+    unflat = sample_conv_patches(x, conv, num_samples=7, generator=gen(), flat=False)  # (n, c, s) view, same patches
+    assert unflat.shape == (7, 4 // g, conv.weight[0, 0].numel())
+    torch.testing.assert_close(unflat.reshape(7, -1), sample_conv_patches(x, conv, num_samples=7, generator=gen()))
     some = sample_conv_patches(x, conv, num_samples=5)
     assert some.shape == (5, ref.shape[1])
     # without replacement: all drawn rows are distinct patches

@@ -44,25 +44,29 @@ def sample_conv_patches(
         conv: nn.Conv2d,
         num_samples: int,
         generator: Optional[torch.Generator] = None,
+        flat: bool = True,
 ) -> torch.Tensor:
     """Draw receptive-field patches of `conv` from input x, uniformly without replacement.
 
     A patch is indexed by (image, group, output row, output column); its entries are ordered
     (channel, kernel row, kernel column), the same order as `conv.weight[o].flatten()`.
 
-    Cost: the sampled group's channel vectors are gathered for the n * kh * kw sampled pixels (from NCHW or
-    channels-last input alike, without copying the input); without groups the index tensors have n * kh * kw
-    entries, not n * d.
-    Zero padding is applied by masking those pixels (other padding modes pad the input first).
+    Cost: the sampled group's channel vectors are gathered for the n * kh * kw sampled pixels; without groups by
+    one `index_select` of pixel rows (C channels each) from one copy of the input with a zero row appended, which
+    the pixels in the zero padding index (other padding modes pad the input first), so the n x d result is written
+    once; `flat=False` skips reordering it to (channel, kernel position) order.
 
     Args:
         x: Conv input, shape (B, C, H, W).
         conv: The convolution whose patches are drawn (padding, stride, dilation, groups).
         num_samples: How many patches; capped at the number of patches in x.
         generator: Random generator on x's device (default: torch's global one).
+        flat: Return (n, d) rows; False returns the same patches as an (n, C / groups, kh * kw) view whose memory
+            is ordered (kernel position, channel), as a Kronecker-factored update reads them.
 
     Returns:
-        Patches, shape (min(num_samples, B * groups * H_out * W_out), C / groups * kh * kw).
+        Patches, shape (n, C / groups * kh * kw) (or (n, C / groups, kh * kw)), n = min(num_samples, B * groups *
+        H_out * W_out).
     """
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
@@ -89,13 +93,15 @@ def sample_conv_patches(
     if groups > 1:  # gather only the sampled group's channels (a depthwise conv has one of C)
         channel = (g * cg)[:, None, None, None] + torch.arange(cg, device=dev)  # (n, 1, 1, cg)
         patches = x.flatten(2)[b[:, None, None, None], channel, pixel[..., None]]  # (n, kh, kw, cg)
-    elif x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():  # rows of C channels: a view
-        pixels = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
-        patches = pixels[(b[:, None, None] * (H * W) + pixel).reshape(-1)].view(n, kh, kw, C)
-    else:  # NCHW: gather the sampled pixels' channels directly, no copy of the whole input
-        patches = x.flatten(2)[b[:, None, None], :, pixel]  # (n, kh, kw, C)
-    patches = patches * inside[..., None]
-    return patches.permute(0, 3, 1, 2).reshape(n, cg * kh * kw)
+        patches = patches.masked_fill_(~inside[..., None], 0)
+    else:  # pixel rows of C channels with a zero row last, which padded pixels index: one fast row gather
+        pixels = x.new_empty(B * H * W + 1, C)
+        pixels[:-1].view(B, H, W, C).copy_(x.permute(0, 2, 3, 1))
+        pixels[-1].zero_()
+        where = torch.where(inside, b[:, None, None] * (H * W) + pixel, B * H * W)
+        patches = pixels.index_select(0, where.reshape(-1)).view(n, kh, kw, C)
+    patches = patches.permute(0, 3, 1, 2)  # (n, channel, kh, kw), a view
+    return patches.reshape(n, cg * kh * kw) if flat else patches.flatten(2)
 
 
 def sample_pixels(
@@ -243,13 +249,14 @@ class DecorLayer:
             if self.decor_structure == 'channel':  # a conv whose R_c acts on pixel vectors
                 self.decor_inputs = sample_pixels(x.detach(), self.groups, self.decor_samples, generator)
             elif hasattr(self, 'kernel_size'):  # a conv (also seen through a TorchScript wrapper)
-                self.decor_inputs = sample_conv_patches(x.detach(), self, self.decor_samples, generator)
+                self.decor_inputs = sample_conv_patches(
+                    x.detach(), self, self.decor_samples, generator, flat=self.decor_structure != 'kron')
             else:
                 self.decor_inputs = sample_rows(x.detach(), self.decor_samples, generator)
 
     def take_decor_inputs(self) -> Optional[torch.Tensor]:
         """Return and clear the sample stored by the last armed training forward: (n, d) inputs x, whose rows are
-        conv patches (full, kron), pixel channel vectors (channel) or linear inputs."""
+        conv patches (full), pixel channel vectors (channel) or linear inputs; (n, c, s) conv patches (kron)."""
         inputs, self.decor_inputs = self.decor_inputs, None
         return inputs
 
