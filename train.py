@@ -24,7 +24,8 @@ without any gradient training; both log the accuracy before and after and write 
 
 `--decoupled K` trains the model as a pipeline of K stages, one per process (torchrun --nproc_per_node=K), on
 delayed gradients (timm_dbp.pipeline: FDG, and ADL with --grad-accum-steps M): `--decoupled-delay 0` is locked
-backpropagation (bit-identical to one process), 1 (default) lets every stage work all the time.
+backpropagation (bit-identical to one process with --opt-kwargs decor_batch=False), 1 (default) lets every stage
+work all the time.
 
 `--sketch-probes R` trains every conv with trace-estimated kernel gradients from R random probe vectors (XConv,
 timm_dbp.sketch_convs): exact forward and input gradients, an unbiased estimate of each conv's weight gradient, and

@@ -6,7 +6,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm_dbp.layers import (
-    DecorConv2d, DecorLinear, auto_kappa, decorrelate, decorrelation_update_, fold, offdiag_correlation,
+    DecorConv2d, DecorLinear, auto_kappa, decorrelate, decorrelation_update_, fold, grouped_decorrelation_update_,
+    offdiag_correlation,
     sample_conv_patches,
 )
 
@@ -191,6 +192,24 @@ def test_auto_kappa_update_is_the_rule_at_the_chosen_kappa(n):
     step = decorrelation_update_(R, x, lr=1e-3, kappa='auto')
     assert step.kappa.item() == pytest.approx(kappa)
     torch.testing.assert_close(R, expected)
+
+
+@pytest.mark.parametrize('kappa', [0.3, 'auto'])
+def test_grouped_update_is_each_pairs_own_update(kappa):
+    """Equal shapes are batched, yet every pair gets its own update and guard: a NaN sample refuses only its R."""
+    torch.manual_seed(0)
+    shapes = [(6, 40), (6, 40), (6, 40), (6, 4), (5, 40)]  # (d, n): a batch of three, two alone
+    problems = [(torch.eye(d, dtype=torch.double) + 0.1 * torch.randn(d, d, dtype=torch.double),
+                 torch.randn(n, d, dtype=torch.double) @ torch.randn(d, d, dtype=torch.double)) for d, n in shapes]
+    problems[1][1][0, 0] = float('nan')
+    expected = [(R.clone(), x) for R, x in problems]
+    expected_steps = [decorrelation_update_(R, x, lr=0.01, kappa=kappa) for R, x in expected]
+    steps = grouped_decorrelation_update_(problems, lr=0.01, kappa=kappa)
+    assert [bool(step.applied) for step in steps] == [True, False, True, True, True]
+    for (R, _), (R_expected, _), step, step_expected in zip(problems, expected, steps, expected_steps):
+        torch.testing.assert_close(R, R_expected)
+        for field, value in step._asdict().items():
+            torch.testing.assert_close(value, getattr(step_expected, field), equal_nan=True, msg=field)
 
 
 def test_variance_term_scales_rows_not_columns():

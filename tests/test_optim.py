@@ -86,6 +86,7 @@ def test_unknown_optimizer_name_fails():
     (dict(kappa=True), 'kappa'), (dict(decor_lr=-1e-3), 'decor_lr'),
     (dict(decor_samples=0), 'decor_samples'), (dict(decor_samples=2.5), 'decor_samples'),
     (dict(decor_interval=0), 'decor_interval'), (dict(decor_max_change=0), 'decor_max_change'),
+    (dict(decor_batch='yes'), 'decor_batch'),
 ])
 def test_bad_values_raise_value_error_naming_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
@@ -107,6 +108,31 @@ def test_decor_lr_zero_is_exactly_plain_bp():
     folded = timm_dbp.fold(dbp_model).state_dict()
     for k, v in plain_model.state_dict().items():
         assert torch.equal(folded[k], v), k
+
+
+@pytest.mark.parametrize('batch', [True, False])
+def test_optimizer_updates_every_layer_as_its_own_update_would(batch):
+    """The optimizer batches equal-shape R factors across layers; the result is each layer's own update (bitwise
+    with decor_batch=False)."""
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.0, decor_lr=0.05, kappa=0.2, decor_batch=batch)
+    x, y = _batch(0)
+    F.cross_entropy(model(x), y).backward()
+    expected = {}
+    for name, layer in decor_layers(model):
+        twin = copy.deepcopy(layer)
+        applied = twin.update_decorrelation(layer.decor_inputs, lr=0.05, kappa=0.2)
+        expected[name] = (twin, bool(applied))
+    opt.step()
+    assert len(expected) > 10
+    for name, layer in decor_layers(model):
+        twin, applied = expected[name]
+        assert applied and int(layer.decor_updates) == 1, name
+        for key in ('decor_matrix', 'decor_spatial', 'decor_loss', 'decor_corr', 'decor_kappa'):
+            if batch:
+                torch.testing.assert_close(getattr(layer, key), getattr(twin, key), msg=f'{name} {key}')
+            else:
+                assert torch.equal(getattr(layer, key), getattr(twin, key)), f'{name} {key}'
 
 
 def test_interval_updates_every_k_steps_and_samples_only_then():

@@ -22,7 +22,8 @@ from timm_dbp.layers import decor_layers
 from timm_dbp.pipeline import DecoupledTrainer, split_model
 
 MODEL, CLASSES, SIZE = 'dbp_test_resnet', 4, 32
-OPT = dict(opt='dbpsgd', lr=0.05, momentum=0.9, weight_decay=1e-4, decor_lr=1e-2, decor_samples=64)
+# decor_batch=False: R updated layer by layer, so a stage's R rounds as in the whole model (exact comparisons)
+OPT = dict(opt='dbpsgd', lr=0.05, momentum=0.9, weight_decay=1e-4, decor_lr=1e-2, decor_samples=64, decor_batch=False)
 
 
 def _free_port() -> int:
@@ -319,10 +320,11 @@ def test_train_py_delay_0_pipeline_is_the_one_process_run(tiny_fmnist, tmp_path)
     import train
     from test_train import run_torchrun
     out = str(tmp_path)
+    layer_by_layer = ('--opt-kwargs', 'decor_batch=False')  # R rounds alike in a stage and in the whole model
     log = run_torchrun(_train_args(tiny_fmnist, out, 'pipe', '--epochs', '1', '--decoupled', '2',
-                                   '--decoupled-delay', '0'))
+                                   '--decoupled-delay', '0', *layer_by_layer))
     assert 'Pipeline stages: 0: ' in log
-    assert train.run(_train_args(tiny_fmnist, out, 'plain', '--epochs', '1')) == 0
+    assert train.run(_train_args(tiny_fmnist, out, 'plain', '--epochs', '1', *layer_by_layer)) == 0
     pipe, plain = _last(out, 'pipe'), _last(out, 'plain')
     assert set(pipe['state_dict']) == set(plain['state_dict'])
     for key, value in plain['state_dict'].items():

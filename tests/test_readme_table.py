@@ -23,4 +23,6 @@ def test_readme_dbp_options_table_shows_the_library_defaults():
                 if len(cells) > 3}
     for name, default in timm_dbp.DBP_DEFAULTS.items():
         assert name in rows, f'README has no row for DBP option {name}'
-        assert float(rows[name]) == float(default), f'README says {name} defaults to {rows[name]}, the code {default}'
+        shown = rows[name] if isinstance(default, bool) else float(rows[name])
+        expected = str(default) if isinstance(default, bool) else float(default)
+        assert shown == expected, f'README says {name} defaults to {rows[name]}, the code {default}'

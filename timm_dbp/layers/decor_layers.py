@@ -21,7 +21,7 @@ optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed 
 Paper: https://arxiv.org/abs/2405.02385
 """
 import weakref
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ from torch import nn
 
 from timm.layers import register_notrace_module
 
-from .decorrelation import decorrelation_update_, fused_weight, kron_decorrelation_update_
+from .decorrelation import (
+    DecorrelationStep, combine_kron_steps, fused_weight, grouped_decorrelation_update_, kron_factor_inputs)
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
@@ -260,6 +261,26 @@ class DecorLayer:
         inputs, self.decor_inputs = self.decor_inputs, None
         return inputs
 
+    def decorrelation_problems(self, inputs: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(R or one of its factors, the vectors it learns from) for each factor of R, from sampled inputs (see
+        `take_decor_inputs`): [(R, inputs)], or for a kron R the channel and spatial `kron_factor_inputs`."""
+        spatial = self._spatial_factor()
+        if spatial is None:
+            return [(self.decor_matrix, inputs)]
+        return list(zip((self.decor_matrix, spatial), kron_factor_inputs(self.decor_matrix, spatial, inputs)))
+
+    @torch.no_grad()
+    def record_decorrelation(self, steps: Sequence[DecorrelationStep]) -> torch.Tensor:
+        """Count and log the steps of this layer's `decorrelation_problems` (one per factor); returns whether R was
+        updated (every factor)."""
+        step = steps[0] if len(steps) == 1 else combine_kron_steps(*steps, *self._decor_factor_dims())
+        self.decor_updates.add_(step.applied.long())
+        self.decor_skipped.add_((~step.applied).long())
+        self.decor_loss.copy_(step.loss)
+        self.decor_corr.copy_(step.correlation)
+        self.decor_kappa.copy_(step.kappa)
+        return step.applied
+
     @torch.no_grad()
     def update_decorrelation(
             self,
@@ -271,20 +292,12 @@ class DecorLayer:
         """Apply one DBP step to R from sampled inputs (see `take_decor_inputs`); returns whether it was applied.
 
         See `timm_dbp.layers.decorrelation` for the rule (`decorrelation_update_`, and
-        `kron_decorrelation_update_` for a kron R) and its guards.
+        `kron_decorrelation_update_` for a kron R) and its guards. A DBP optimizer updates all its layers at once
+        instead (`decorrelation_problems`, `grouped_decorrelation_update_`, `record_decorrelation`).
         """
-        spatial = self._spatial_factor()
-        if spatial is None:
-            step = decorrelation_update_(self.decor_matrix, inputs, lr=lr, kappa=kappa, max_rel_change=max_rel_change)
-        else:
-            step = kron_decorrelation_update_(
-                self.decor_matrix, spatial, inputs, lr=lr, kappa=kappa, max_rel_change=max_rel_change)
-        self.decor_updates.add_(step.applied.long())
-        self.decor_skipped.add_((~step.applied).long())
-        self.decor_loss.copy_(step.loss)
-        self.decor_corr.copy_(step.correlation)
-        self.decor_kappa.copy_(step.kappa)
-        return step.applied
+        steps = grouped_decorrelation_update_(
+            self.decorrelation_problems(inputs), lr=lr, kappa=kappa, max_rel_change=max_rel_change)
+        return self.record_decorrelation(steps)
 
 
 @register_notrace_module  # FX: a leaf, its sampling is data dependent

@@ -26,7 +26,10 @@ more variance normalisation when variances drift far from 1. ||v|| uses the whol
 LOG_STAT_ROWS rows (the rows the logged loss uses; no extra cost).
 
 Cost: with n < d, X R is computed as (1/n) Z^T (Z R) in 3 n d^2 flops instead of forming X and paying
-d^3 for X R; with n >= d the direct form is cheaper. Both give the same R up to float rounding.
+d^3 for X R; with n >= d the direct form is cheaper. Both give the same R up to float rounding. Every function
+here also takes a batch of equal-shape problems (R (..., d, d), inputs (..., n, d)), and
+`grouped_decorrelation_update_` updates many layers' R in one batched call per shape: a small model's update is
+bound by the number of tensor operations, not by flops.
 
 Structured R for a conv, whose input patch is a (c x s) matrix P (c = channels per group, s = kh * kw):
     full      R is (c s) x (c s): the paper's rule on flattened patches
@@ -35,19 +38,21 @@ Structured R for a conv, whose input patch is a (c x s) matrix P (c = channels p
               rule above on the vectors it acts on: R_c on the columns of P R_s^T, R_s on the rows of R_c P
 A structured R costs c^2 (+ s^2) numbers instead of c^2 s^2, and its update c^3 instead of c^3 s^3.
 """
-from typing import NamedTuple, Optional, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
-    'DecorrelationStep', 'decorrelation_update_', 'kron_decorrelation_update_', 'decorrelation_loss', 'auto_kappa',
-    'offdiag_correlation', 'fused_weight', 'LOG_STAT_ROWS']
+    'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
+    'kron_factor_inputs', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa', 'offdiag_correlation',
+    'fused_weight', 'LOG_STAT_ROWS']
 
 LOG_STAT_ROWS = 256  # rows of a sample used for the logged loss / correlation (cost n^2 d, not n d^2)
 
 
 class DecorrelationStep(NamedTuple):
-    """Outcome of one `decorrelation_update_` call, as 0-dim tensors on R's device (no host sync).
+    """Outcome of one `decorrelation_update_` call, as tensors on R's device (no host sync): 0-dim, or of shape
+    (...,) for a batch of R's.
 
     Attributes:
         applied: True if R was changed; False if a stability guard skipped the update.
@@ -91,33 +96,33 @@ def fused_weight(
 
 def _offdiag_sq_mean(z: torch.Tensor) -> torch.Tensor:
     """mean_{i != j} X_ij^2 for X = z^T z / n; via the n x n Gram matrix when n < d (n^2 d flops, not n d^2)."""
-    n, d = z.shape
-    gram = z @ z.T if n < d else z.T @ z
-    sq_sum = gram.square().sum() / (n * n)  # ||X||_F^2 = ||Z Z^T||_F^2 / n^2
-    return (sq_sum - z.square().mean(0).square().sum()).clamp_min(0) / max(d * (d - 1), 1)
+    n, d = z.shape[-2:]
+    gram = z @ z.mT if n < d else z.mT @ z
+    sq_sum = gram.square().sum((-2, -1)) / (n * n)  # ||X||_F^2 = ||Z Z^T||_F^2 / n^2
+    return (sq_sum - z.square().mean(-2).square().sum(-1)).clamp_min(0) / max(d * (d - 1), 1)
 
 
 def decorrelation_loss(z: torch.Tensor, kappa: Union[float, torch.Tensor]) -> torch.Tensor:
     """Loss that the update descends: (1 - kappa) * mean_{i != j} X_ij^2 + kappa * mean_i v_i^2, X = z^T z / n.
 
     Args:
-        z: Decorrelated inputs, shape (n, d).
-        kappa: Balance between decorrelation (0) and variance normalisation (1).
+        z: Decorrelated inputs, shape (..., n, d).
+        kappa: Balance between decorrelation (0) and variance normalisation (1); a number or shape (...,).
     """
-    v = z.square().mean(0) - 1
-    return (1 - kappa) * _offdiag_sq_mean(z) + kappa * v.square().mean()
+    v = z.square().mean(-2) - 1
+    return (1 - kappa) * _offdiag_sq_mean(z) + kappa * v.square().mean(-1)
 
 
 def auto_kappa(z: torch.Tensor, variance_error: torch.Tensor) -> torch.Tensor:
     """kappa = ||v||^2 / (||C||_F^2 + ||v||^2): the diagonal share of the whitening error X - I.
 
     Args:
-        z: Decorrelated inputs for ||C||_F, shape (n, d).
-        variance_error: v = diag(X) - 1, shape (d,) (may come from a larger sample than z).
+        z: Decorrelated inputs for ||C||_F, shape (..., n, d).
+        variance_error: v = diag(X) - 1, shape (..., d) (may come from a larger sample than z).
     """
-    d = z.shape[1]
+    d = z.shape[-1]
     offdiag = _offdiag_sq_mean(z) * d * (d - 1)
-    diagonal = variance_error.square().sum()
+    diagonal = variance_error.square().sum(-1)
     return diagonal / (offdiag + diagonal).clamp_min(1e-30)
 
 
@@ -127,9 +132,9 @@ def offdiag_correlation(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     A sample estimate: with n samples, independent inputs still give about 1/sqrt(n).
 
     Args:
-        z: Inputs, shape (n, d).
+        z: Inputs, shape (..., n, d).
     """
-    return _offdiag_sq_mean(z * z.square().mean(0).add(eps).rsqrt()).sqrt()
+    return _offdiag_sq_mean(z * z.square().mean(-2, keepdim=True).add(eps).rsqrt()).sqrt()
 
 
 @torch.no_grad()
@@ -148,8 +153,8 @@ def decorrelation_update_(
     The logged loss and correlation use the first LOG_STAT_ROWS rows of the (random) sample.
 
     Args:
-        R: Decorrelation matrix, shape (d, d); updated in place.
-        inputs: Sampled layer inputs x (not yet decorrelated), shape (n, d), n >= 1.
+        R: Decorrelation matrix, shape (d, d), or a batch (..., d, d); updated in place.
+        inputs: Sampled layer inputs x (not yet decorrelated), shape (n, d) (a batch: (..., n, d)), n >= 1.
         lr: Decorrelation learning rate (>= 0).
         kappa: 0 = decorrelate only, 1 = variance normalisation only, 'auto' = `auto_kappa` of this sample.
         max_rel_change: Largest accepted relative change of R per update.
@@ -157,29 +162,62 @@ def decorrelation_update_(
     Returns:
         A `DecorrelationStep`: applied or not, loss and correlation before the update, relative change, kappa.
     """
-    assert R.ndim == 2 and R.shape[0] == R.shape[1], f'R must be square, got {tuple(R.shape)}'
-    assert inputs.ndim == 2 and inputs.shape[1] == R.shape[0], \
-        f'inputs must be (n, {R.shape[0]}), got {tuple(inputs.shape)}'
-    n, d = inputs.shape
+    assert R.ndim >= 2 and R.shape[-1] == R.shape[-2], f'R must be square, got {tuple(R.shape)}'
+    assert inputs.shape[:-2] == R.shape[:-2] and inputs.shape[-1] == R.shape[-1], \
+        f'inputs must be (..., n, {R.shape[-1]}) with R\'s batch shape {tuple(R.shape[:-2])}, got {tuple(inputs.shape)}'
+    n, d = inputs.shape[-2:]
     Rf = R.float()
-    z = inputs.float() @ Rf.T  # z_k = R x_k for every row
-    diag = z.square().mean(0)  # diag(X)
-    z_log = z[:LOG_STAT_ROWS]
-    kappa = auto_kappa(z_log, diag - 1) if kappa == 'auto' else diag.new_full((), float(kappa))  # a fill, no host copy
+    z = inputs.float() @ Rf.mT  # z_k = R x_k for every row
+    diag = z.square().mean(-2)  # diag(X)
+    z_log = z[..., :LOG_STAT_ROWS, :]
+    kappa = auto_kappa(z_log, diag - 1) if kappa == 'auto' else diag.new_full(diag.shape[:-1], float(kappa))
+    k = kappa[..., None]
     if n < d:
-        XR = z.T @ (z @ Rf) / n  # X R = (1/n) Z^T (Z R), 3 n d^2 flops
+        XR = z.mT @ (z @ Rf) / n  # X R = (1/n) Z^T (Z R), 3 n d^2 flops
     else:
-        XR = (z.T @ z / n) @ Rf  # n d^2 + d^3 flops
+        XR = (z.mT @ z / n) @ Rf  # n d^2 + d^3 flops
     # [(1 - kappa) (X - D) + kappa (D - I)] R with D = diag(X); the diagonal terms are row scalings of R
-    row_scale = (2 * kappa - 1) * diag - kappa
-    delta = ((1 - kappa) * XR + row_scale[:, None] * Rf).mul_(lr)
+    row_scale = (2 * k - 1) * diag - k
+    delta = ((1 - k[..., None]) * XR + row_scale[..., None] * Rf).mul_(lr)
 
     # Guards without a host sync: a rejected update is selected away, not branched around.
     rel_change = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(Rf).clamp_min(1e-30)
     applied = rel_change <= max_rel_change  # False for NaN / inf
-    R.sub_(torch.where(applied, delta, torch.zeros_like(delta)).to(R.dtype))
+    R.sub_(torch.where(applied[..., None, None], delta, 0.0).to(R.dtype))
     return DecorrelationStep(
         applied, decorrelation_loss(z_log, kappa), offdiag_correlation(z_log), rel_change, kappa)
+
+
+@torch.no_grad()
+def grouped_decorrelation_update_(
+        problems: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+        *,
+        lr: float,
+        kappa: Union[float, str],
+        max_rel_change: float = 1.0,
+) -> List[DecorrelationStep]:
+    """`decorrelation_update_` on every (R, inputs) pair, one batched call per group of equal shapes and dtypes.
+
+    The same rule and guards per pair, so the result is each pair's own update (up to float rounding): pairs of a
+    group are stacked, updated as a batch and copied back into their R.
+    """
+    groups: Dict[tuple, List[int]] = {}
+    for i, (R, inputs) in enumerate(problems):
+        groups.setdefault((R.shape, R.dtype, R.device, inputs.shape, inputs.dtype), []).append(i)
+    steps: List[Optional[DecorrelationStep]] = [None] * len(problems)
+    for members in groups.values():
+        Rs = [problems[i][0] for i in members]
+        if len(members) == 1:
+            steps[members[0]] = decorrelation_update_(
+                Rs[0], problems[members[0]][1], lr=lr, kappa=kappa, max_rel_change=max_rel_change)
+            continue
+        batch = torch.stack(Rs)
+        step = decorrelation_update_(
+            batch, torch.stack([problems[i][1] for i in members]), lr=lr, kappa=kappa, max_rel_change=max_rel_change)
+        torch._foreach_copy_(Rs, list(batch.unbind(0)))
+        for j, i in enumerate(members):
+            steps[i] = DecorrelationStep(*(field[j] for field in step))
+    return steps
 
 
 KRON_MIN_VECTORS = 1024  # a kron factor learns from at least this many vectors when the sample has them
@@ -191,6 +229,48 @@ def _spread(n: int, size: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(n, device=device)[:, None] * q + torch.arange(q, device=device)) % size
 
 
+def kron_factor_inputs(
+        R_channel: torch.Tensor,
+        R_spatial: torch.Tensor,
+        patches: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The vectors each factor of R = R_c (x) R_s learns from, for the current factors (see the module docstring).
+
+    Per sampled patch P_k (c x s), q vectors each, q = 1 when n >= KRON_MIN_VECTORS (so a factor's update costs
+    n c^2, not n s c^2), more when the sample is small (at most all of them): for R_c the columns
+    (k q + j) mod s of P_k R_s^T, for R_s the rows (k q + j) mod c of R_c P_k, j < q.
+
+    Args:
+        R_channel: Channel factor, shape (c, c).
+        R_spatial: Spatial factor, shape (s, s).
+        patches: Sampled conv patches P (not yet decorrelated), shape (n, c * s) or (n, c, s).
+
+    Returns:
+        (channel vectors (n q, c), spatial vectors (n q', s)), float32.
+    """
+    c, s = R_channel.shape[0], R_spatial.shape[0]
+    P = patches.float().reshape(-1, c, s)
+    channel_vectors = torch.einsum('ncs,nqs->nqc', P, R_spatial.float()[_spread(P.shape[0], s, P.device)])
+    spatial_vectors = torch.einsum('nqc,ncs->nqs', R_channel.float()[_spread(P.shape[0], c, P.device)], P)
+    return channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s)
+
+
+def combine_kron_steps(channel: DecorrelationStep, spatial: DecorrelationStep, c: int, s: int) -> DecorrelationStep:
+    """One step for R = R_c (x) R_s from its factors' steps: `applied` when both were updated, `loss` the sum of
+    the two losses, `correlation` the RMS over both factors' off-diagonal entries (c (c - 1) and s (s - 1) of
+    them), `rel_change` the larger, `kappa` the mean."""
+    pairs_c, pairs_s = c * (c - 1), s * (s - 1)
+    correlation = ((channel.correlation.square() * pairs_c + spatial.correlation.square() * pairs_s)
+                   / max(pairs_c + pairs_s, 1)).sqrt()
+    return DecorrelationStep(
+        channel.applied & spatial.applied,
+        channel.loss + spatial.loss,
+        correlation,
+        torch.maximum(channel.rel_change, spatial.rel_change),
+        (channel.kappa + spatial.kappa) / 2,
+    )
+
+
 @torch.no_grad()
 def kron_decorrelation_update_(
         R_channel: torch.Tensor,
@@ -198,17 +278,13 @@ def kron_decorrelation_update_(
         patches: torch.Tensor,
         *,
         lr: float,
-        kappa: float,
+        kappa: Union[float, str],
         max_rel_change: float = 1.0,
 ) -> DecorrelationStep:
     """One DBP step on both factors of R = R_c (x) R_s in place, from the same current z = R_c P R_s^T.
 
-    Each factor learns from q vectors per sampled patch P_k (c x s), q = 1 when n >= KRON_MIN_VECTORS (so its update
-    costs n c^2, not n s c^2), more when the sample is small (at most all of them): R_c from columns
-    (k q + j) mod s of P_k R_s^T, R_s from rows (k q + j) mod c of R_c P_k, j < q; each by `decorrelation_update_`
-    with its own guard (a refused factor keeps its value). `applied` is True when both factors were updated;
-    `loss` is the sum of the two factor losses; `correlation` the RMS over both factors' off-diagonal entries;
-    `rel_change` the larger; `kappa` the mean of the two factors' kappas.
+    Each factor takes `decorrelation_update_` on its `kron_factor_inputs`, with its own guard (a refused factor keeps
+    its value); the two steps are combined by `combine_kron_steps`.
 
     Args:
         R_channel: Channel factor, shape (c, c); updated in place.
@@ -216,21 +292,9 @@ def kron_decorrelation_update_(
         patches: Sampled conv patches P (not yet decorrelated), shape (n, c * s) or (n, c, s).
         lr, kappa, max_rel_change: As for `decorrelation_update_`.
     """
-    c, s = R_channel.shape[0], R_spatial.shape[0]
-    P = patches.float().reshape(-1, c, s)
-    channel_vectors = torch.einsum('ncs,nqs->nqc', P, R_spatial.float()[_spread(P.shape[0], s, P.device)])
-    spatial_vectors = torch.einsum('nqc,ncs->nqs', R_channel.float()[_spread(P.shape[0], c, P.device)], P)
-    channel_vectors, spatial_vectors = channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s)
-    steps = (
+    channel_vectors, spatial_vectors = kron_factor_inputs(R_channel, R_spatial, patches)
+    return combine_kron_steps(
         decorrelation_update_(R_channel, channel_vectors, lr=lr, kappa=kappa, max_rel_change=max_rel_change),
         decorrelation_update_(R_spatial, spatial_vectors, lr=lr, kappa=kappa, max_rel_change=max_rel_change),
-    )
-    pairs = torch.tensor([c * (c - 1), s * (s - 1)], dtype=torch.float32, device=P.device)
-    correlation = ((torch.stack([st.correlation for st in steps]).square() * pairs).sum() / pairs.sum()).sqrt()
-    return DecorrelationStep(
-        steps[0].applied & steps[1].applied,
-        steps[0].loss + steps[1].loss,
-        correlation,
-        torch.maximum(steps[0].rel_change, steps[1].rel_change),
-        (steps[0].kappa + steps[1].kappa) / 2,
+        R_channel.shape[0], R_spatial.shape[0],
     )

@@ -16,6 +16,9 @@ DecorConv2d / DecorLinear. DBP hyperparameters are param group entries, so group
     decor_samples     inputs (conv patches / linear rows) sampled per layer per update, without replacement
     decor_interval    update R every k optimizer steps; unarmed layers sample nothing on the other steps
     decor_max_change  updates with ||dR|| > decor_max_change * ||R|| are refused (counted as skipped)
+    decor_batch       update equal-shape R's (and kron factors) of all layers as one batch (fewer, larger tensor
+                      operations; the same rule per layer, rounded differently); False updates layer by layer, so
+                      each layer's R is bitwise independent of which other layers this optimizer holds
 
 Under torch.distributed the sampled inputs are all-gathered, so every rank applies the identical update
 and R stays equal across ranks without broadcasting it.
@@ -29,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from timm_dbp.layers import DecorLayer, find_decor_layer
+from timm_dbp.layers import DecorLayer, find_decor_layer, grouped_decorrelation_update_
 
 __all__ = ['with_dbp', 'is_dbp_optimizer', 'dbp_optimizer_of', 'NoDecorLayersWarning', 'DBP_DEFAULTS']
 
@@ -41,6 +44,7 @@ DBP_DEFAULTS: Dict[str, Any] = dict(
     decor_samples=1024,
     decor_interval=1,
     decor_max_change=1.0,
+    decor_batch=True,
 )
 
 
@@ -61,6 +65,8 @@ def _validate_dbp_args(args: Dict[str, Any]) -> None:
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
+    if not isinstance(args['decor_batch'], bool):
+        raise ValueError(f"decor_batch must be True or False, got {args['decor_batch']!r}")
     max_change = args['decor_max_change']
     if not (isinstance(max_change, (int, float)) and max_change > 0):
         raise ValueError(f'decor_max_change must be a number > 0, got {max_change!r}')
@@ -158,14 +164,24 @@ class DBPMixin:
         distributed = self.dbp_all_gather
         if distributed is None:
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        # every layer's R (and kron factors) with the same settings in one grouped update: equal shapes are batched
+        work: Dict[tuple, List[Tuple[DecorLayer, list]]] = {}
         for layer, group in self.dbp_routes():
             inputs = layer.take_decor_inputs()
             if inputs is None or group['decor_lr'] == 0 or (self.dbp_step - 1) % group['decor_interval'] != 0:
                 continue
             if distributed:
                 inputs = _all_gather_rows(inputs)
-            layer.update_decorrelation(
-                inputs, lr=group['decor_lr'], kappa=group['kappa'], max_rel_change=group['decor_max_change'])
+            settings = (group['decor_lr'], group['kappa'], group['decor_max_change'])
+            if not group['decor_batch']:
+                settings += (layer,)  # a group of its own
+            work.setdefault(settings, []).append((layer, layer.decorrelation_problems(inputs)))
+        for (lr, kappa, max_change, *_), layers in work.items():
+            steps = iter(grouped_decorrelation_update_(
+                [problem for _, problems in layers for problem in problems], lr=lr, kappa=kappa,
+                max_rel_change=max_change))
+            for layer, problems in layers:
+                layer.record_decorrelation([next(steps) for _ in problems])
 
     def step(self, closure=None):
         loss = super().step(closure)
@@ -242,7 +258,7 @@ def with_dbp(base_class: Type[Optimizer]) -> Type[Optimizer]:
     """The DBP version of a torch optimizer class (cached; `with_dbp(SGD) is with_dbp(SGD)`).
 
     The class takes the base class's arguments plus `decor_lr`, `kappa`, `decor_samples`,
-    `decor_interval`, `decor_max_change` and `verbose` (keyword-only), and its `__init__` signature
+    `decor_interval`, `decor_max_change`, `decor_batch` and `verbose` (keyword-only), and its `__init__` signature
     says so (timm's factory and tests read it).
 
     Examples:
