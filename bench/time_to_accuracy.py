@@ -70,6 +70,7 @@ METHODS = {
     **{f'dbp_kron_dlr{dlr}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', dlr])
        for dlr in ('1e-4', '3e-4', '1e-3', '3e-3', '1e-2', '3e-2')},
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
+    'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
     **{f'xconv{r}_sgd': ('', 'sgd', 0.05, ['--sketch-probes', str(r)]) for r in (2, 8, 32)},
     'dbp_xconv8': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0',

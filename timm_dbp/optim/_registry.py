@@ -16,7 +16,8 @@ from .dbp import with_dbp
 __all__ = ['DBP_BASE_OPTIMIZERS', 'register_dbp_optimizer', 'canonical_optimizer_name']
 
 # timm optimizers that get a registered DBP twin on import; any other one: register_dbp_optimizer(name)
-DBP_BASE_OPTIMIZERS = ('sgd', 'momentum', 'sgdw', 'adam', 'adamw', 'nadamw', 'lamb', 'lars', 'lion', 'adopt', 'rmsprop')
+DBP_BASE_OPTIMIZERS = (
+    'sgd', 'momentum', 'sgdw', 'adam', 'adamw', 'nadamw', 'lamb', 'lars', 'lion', 'adopt', 'rmsprop', 'muon')
 
 
 def register_dbp_optimizer(
