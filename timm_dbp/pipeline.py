@@ -14,7 +14,8 @@ forward: the gradient is evaluated at the weights (and DBP matrices R) the modul
 That is the delayed gradient; with M = 1 it is exactly that many optimizer steps stale (fewer at the start of an
 epoch, while the pipeline fills). D = 0 is locked backpropagation over K ranks: bit-identical to ordinary training
 with --grad-accum-steps M when R is updated layer by layer (DBP optimizer option decor_batch=False; the default
-batches equal-shape R's of one rank's layers, which rounds differently from batching the whole model's). D = 1 is FDG: every rank computes every tick. D > 1 only adds staleness (for studies).
+batches equal-shape R's of one rank's layers, which rounds differently from batching the whole model's). D = 1 is
+FDG: every rank computes every tick. D > 1 only adds staleness (for studies).
 ADL's accumulation M divides the staleness counted in optimizer steps by about M. FDG's gradient shrinking multiplies
 the gradient a delayed module receives by `shrink` (beta <= 1) before back-propagating it.
 

@@ -11,7 +11,8 @@ R's structure (`decor_structure`, see `timm_dbp.layers.decorrelation`):
 Forward: A = W R is fused into one ordinary conv / linear with the layer's own stride, padding, dilation,
 groups and bias. With a channel factor (channel, kron, and the R of any 1x1 conv), R_c is applied to the input
 instead (a 1x1 conv) whenever the input has fewer elements than the kernel, which is cheaper (costs B H W C c
-against C_out c^2 s) and gives the same output. Either way the gradient for W equals backprop on the decorrelated input z = R x.
+against C_out c^2 s) and gives the same output. Either way the gradient for W equals backprop on the decorrelated
+input z = R x.
 
 R is never trained by autograd. A DBP optimizer arms a layer (`decor_samples > 0`) for the forward of
 a step that updates R; that forward then stores a random sample of its inputs (patches or rows, drawn
