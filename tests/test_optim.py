@@ -40,8 +40,9 @@ def _decor_matrices(model):
 
 
 def test_advertised_names():
-    for name in ('dbpsgd', 'dbpmomentum', 'dbpadamw', 'dbpadam', 'dbplamb'):
+    for name in ('dbpsgd', 'dbpmomentum', 'dbpadamw', 'dbpadam', 'dbplamb', 'dbpmuon'):
         assert name in DBP_NAMES
+    assert issubclass(timm.optim.get_optimizer_class('dbpmuon', bind_defaults=False), timm.optim.Muon)
 
 
 @pytest.mark.parametrize('opt_name', DBP_NAMES)

@@ -95,7 +95,7 @@ def sample_conv_patches(
     if groups > 1:  # gather only the sampled group's channels (a depthwise conv has one of C)
         channel = (g * cg)[:, None, None, None] + torch.arange(cg, device=dev)  # (n, 1, 1, cg)
         patches = x.flatten(2)[b[:, None, None, None], channel, pixel[..., None]]  # (n, kh, kw, cg)
-        patches = patches.masked_fill_(~inside[..., None], 0)
+        patches.masked_fill_(~inside[..., None], 0)
     else:  # pixel rows of C channels with a zero row last, which padded pixels index: one fast row gather
         pixels = x.new_empty(B * H * W + 1, C)
         pixels[:-1].view(B, H, W, C).copy_(x.permute(0, 2, 3, 1))

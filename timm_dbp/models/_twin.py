@@ -26,8 +26,8 @@ StateDict = Dict[str, torch.Tensor]
 
 def pop_dbp_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """Take a dbp_ model's own arguments out of `kwargs`, as `decorrelate()` arguments:
-    dbp_exclude (fnmatch patterns of module names kept plain, see `exclude_patterns`), dbp_max_dim (keep layers with input dimension d above it
-    plain), dbp_linear (decorrelate Linear layers too) and dbp_structure (R of the convs: 'full', 'channel', 'kron')."""
+    dbp_exclude (fnmatch patterns of module names kept plain, see `exclude_patterns`), dbp_max_dim (keep layers with
+    input dimension d above it plain), dbp_linear (decorrelate Linear layers too) and dbp_structure (R of the convs: 'full', 'channel', 'kron')."""
     return dict(
         exclude=exclude_patterns(kwargs.pop('dbp_exclude', ())),
         max_dim=kwargs.pop('dbp_max_dim', None),

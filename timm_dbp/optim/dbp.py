@@ -73,7 +73,7 @@ def _validate_dbp_args(args: Dict[str, Any]) -> None:
 
 
 def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's (n, d) sample, truncated to the smallest n so all ranks agree."""
+    """Concatenate every rank's (n, ...) sample, truncated to the smallest n so all ranks agree."""
     n = torch.tensor([rows.shape[0]], device=rows.device)
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     rows = rows[:int(n.item())].contiguous()
