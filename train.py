@@ -190,6 +190,8 @@ group.add_argument('--kappa', type=_kappa, default=None,
                    help="0 = decorrelate, 1 = normalise variances, 'auto' = chosen per layer from the measured errors")
 group.add_argument('--decor-samples', type=int, default=None, help='inputs sampled per layer per R update')
 group.add_argument('--decor-interval', type=int, default=None, help='update R every k optimizer steps')
+group.add_argument('--decor-max-step', type=float, default=None,
+                   help='step cap of the R update: decor_lr * |lambda|_max <= this (inf = no cap)')
 
 # Low-memory conv gradients (XConv: multi-channel randomized trace estimation, timm_dbp.sketch_convs)
 group = parser.add_argument_group('Low-memory gradient parameters')
@@ -433,7 +435,8 @@ def check_model_name(name: str) -> None:
         raise UserError(f'unknown model {name!r}.{hint} DBP models: {", ".join(timm.list_models("dbp_*"))}')
 
 
-DBP_SHORTCUTS = ('decor_lr', 'kappa', 'decor_samples', 'decor_interval')  # --decor-lr, --kappa, ...: None = default
+# --decor-lr, --kappa, ...: None = the optimizer's default
+DBP_SHORTCUTS = ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step')
 
 
 def _optimizer_kwargs(args) -> dict:

@@ -137,3 +137,15 @@ def test_decoupled_smoke(tmp_path):
     assert set(data['table']) == {'bp_1thread', 'fdg_k2'}
     assert all(not r['failed'] and len(r['curve']) == 1 and r['images_per_s'] > 0 for r in data['rows'])
     assert (tmp_path / 'd.png').exists() and 'img/s' in out
+
+
+def test_decor_stability_smoke(tmp_path):
+    out = _run('decor_stability.py', '--models', 'dbp_test_resnet', '--decor-lrs', '1e6', '--max-steps', 'inf', '0.5',
+               '--epochs', '1', '--train-num-samples', '256', '--val-num-samples', '128',
+               '--runs-dir', str(tmp_path / 'runs'), '--out', str(tmp_path / 'st'))
+    uncapped, capped = json.loads((tmp_path / 'st.json').read_text())['results']
+    assert uncapped['max_step'] == float('inf') and capped['max_step'] == 0.5
+    # decor_lr 1e6: the plain rule is refused at every update, the capped one applied (and capped) at every update
+    assert uncapped['epochs'][-1]['skipped'] > 0 == uncapped['epochs'][-1]['updates']
+    assert capped['epochs'][-1]['capped'] == capped['epochs'][-1]['updates'] > 0 == capped['epochs'][-1]['skipped']
+    assert (tmp_path / 'st.png').exists() and 'refused / capped / updates' in out

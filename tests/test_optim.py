@@ -116,20 +116,23 @@ def test_optimizer_updates_every_layer_as_its_own_update_would(batch):
     """The optimizer batches equal-shape R factors across layers; the result is each layer's own update (bitwise
     with decor_batch=False)."""
     model = _model()
-    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.0, decor_lr=0.05, kappa=0.2, decor_batch=batch)
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.0, decor_lr=0.05, kappa=0.2, decor_max_step=0.2,
+                              decor_batch=batch)
     x, y = _batch(0)
     F.cross_entropy(model(x), y).backward()
     expected = {}
     for name, layer in decor_layers(model):
         twin = copy.deepcopy(layer)
-        applied = twin.update_decorrelation(layer.decor_inputs, lr=0.05, kappa=0.2)
+        applied = twin.update_decorrelation(layer.decor_inputs, lr=0.05, kappa=0.2, max_step=0.2)
         expected[name] = (twin, bool(applied))
     opt.step()
     assert len(expected) > 10
+    capped = [int(twin.decor_capped) for twin, _ in expected.values()]
+    assert 0 < sum(capped) < len(capped), capped  # the step cap binds on some layers, not all
     for name, layer in decor_layers(model):
         twin, applied = expected[name]
         assert applied and int(layer.decor_updates) == 1, name
-        for key in ('decor_matrix', 'decor_spatial', 'decor_loss', 'decor_corr', 'decor_kappa'):
+        for key in ('decor_matrix', 'decor_spatial', 'decor_loss', 'decor_corr', 'decor_kappa', 'decor_capped'):
             if batch:
                 torch.testing.assert_close(getattr(layer, key), getattr(twin, key), msg=f'{name} {key}')
             else:
@@ -219,14 +222,31 @@ def test_copied_model_and_optimizer_continue_identically(how):
 
 def test_summary_reports_loss_and_skips():
     model = _model()
-    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01, decor_lr=1e6)  # every update refused
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01, decor_lr=1e6, decor_max_step=None)  # all refused
     _train(model, opt, range(2))
     summary = opt.dbp_summary()
     n_layers = len(list(decor_layers(model)))
     assert summary['decor_layers'] == n_layers
-    assert summary['decor_skipped'] == 2 * n_layers and summary['decor_updates'] == 0
+    assert summary['decor_skipped'] == 2 * n_layers and summary['decor_updates'] == summary['decor_capped'] == 0
     assert summary['decor_loss'] > 0 and 0 < summary['decor_corr'] <= 1
     assert all(torch.isfinite(layer.decor_matrix).all() for _, layer in decor_layers(model))
+
+
+def test_step_cap_tames_a_huge_decor_lr():
+    """With the default step cap the decor_lr that the guard refuses above gives capped, applied updates that
+    lower the decorrelation loss."""
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.0, decor_lr=1e6)
+    _train(model, opt, range(6))
+    summary = opt.dbp_summary()
+    n_layers = summary['decor_layers']
+    assert summary['decor_skipped'] == 0 and summary['decor_updates'] == summary['decor_capped'] == 6 * n_layers
+    losses = []
+    for step in range(2):  # the loss of a fresh sample, before and after 20 more capped updates
+        _train(model, opt, range(20 * step, 20 * step + 20))
+        losses.append(opt.dbp_summary()['decor_loss'])
+    assert all(torch.isfinite(layer.decor_matrix).all() for _, layer in decor_layers(model))
+    assert losses[1] < losses[0], losses
 
 
 def test_nan_batch_leaves_R_finite():

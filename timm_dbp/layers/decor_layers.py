@@ -166,7 +166,7 @@ class DecorLayer:
 
     Buffers: `decor_matrix` and, for a kron conv, `decor_spatial` (persistent, R's factors; an unused
     `decor_spatial` is an empty non-persistent buffer), and non-persistent `decor_updates`, `decor_skipped` (updates
-    applied / refused by a stability guard), `decor_loss`, `decor_corr` and `decor_kappa` (decorrelation loss and
+    applied / refused by a stability guard), `decor_capped` (updates shrunk by the step cap), `decor_loss`, `decor_corr` and `decor_kappa` (decorrelation loss and
     RMS off-diagonal correlation of the last sample before its update, and the kappa used; NaN before the first).
     """
     __jit_unused_properties__ = ['decor_dim', 'decor_state_bytes']
@@ -191,6 +191,7 @@ class DecorLayer:
         self.register_buffer('decor_spatial', torch.empty(s, s, **dd), persistent=s > 0)
         self.register_buffer('decor_updates', torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer('decor_skipped', torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.register_buffer('decor_capped', torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer('decor_loss', torch.full((), float('nan'), device=device), persistent=False)
         self.register_buffer('decor_corr', torch.full((), float('nan'), device=device), persistent=False)
         self.register_buffer('decor_kappa', torch.full((), float('nan'), device=device), persistent=False)
@@ -223,6 +224,7 @@ class DecorLayer:
                 nn.init.eye_(self.decor_spatial)
             self.decor_updates.zero_()
             self.decor_skipped.zero_()
+            self.decor_capped.zero_()
             self.decor_loss.fill_(float('nan'))
             self.decor_corr.fill_(float('nan'))
             self.decor_kappa.fill_(float('nan'))
@@ -277,6 +279,7 @@ class DecorLayer:
         step = steps[0] if len(steps) == 1 else combine_kron_steps(*steps, *self._decor_factor_dims())
         self.decor_updates.add_(step.applied.long())
         self.decor_skipped.add_((~step.applied).long())
+        self.decor_capped.add_((step.capped & step.applied).long())
         self.decor_loss.copy_(step.loss)
         self.decor_corr.copy_(step.correlation)
         self.decor_kappa.copy_(step.kappa)
@@ -289,6 +292,7 @@ class DecorLayer:
             lr: float,
             kappa: Union[float, str],
             max_rel_change: float = 1.0,
+            max_step: float = float('inf'),
     ) -> torch.Tensor:
         """Apply one DBP step to R from sampled inputs (see `take_decor_inputs`); returns whether it was applied.
 
@@ -297,7 +301,7 @@ class DecorLayer:
         instead (`decorrelation_problems`, `grouped_decorrelation_update_`, `record_decorrelation`).
         """
         steps = grouped_decorrelation_update_(
-            self.decorrelation_problems(inputs), lr=lr, kappa=kappa, max_rel_change=max_rel_change)
+            self.decorrelation_problems(inputs), lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step)
         return self.record_decorrelation(steps)
 
 

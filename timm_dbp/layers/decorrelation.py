@@ -19,6 +19,13 @@ diag(v) multiplies R from the LEFT: row i of R is scaled by v_i, so the variance
 towards 1 (the stated maths; the authors' reference code scales columns by a broadcasting accident).
 kappa = 0 decorrelates only, kappa = 1 normalises variances only, in between moves towards whitening.
 
+Step cap (max_step = tau): the step is R <- (I - lr G) R with G = (1 - kappa) C + kappa diag(v), stable only while
+lr |lambda|_max(G) stays well below 2. After a ReLU every input has a positive mean m, so C is close to d m m^T and
+its largest eigenvalue grows with the width d: a decor_lr that suits a 256-channel layer blows up a 2048-channel one.
+The cap takes lr_eff = min(lr, tau / |lambda|_max(G)), |lambda|_max estimated by POWER_ITERATIONS products G u from
+the mean |z| direction (2 n d flops each), so I - lr_eff G keeps its eigenvalues in [1 - tau, 1 + tau]: R stays
+invertible for tau < 1, and the cap changes nothing where lr |lambda|_max <= tau.
+
 kappa = 'auto' (the paper leaves kappa task-dependent) picks, at every update of every layer, the share of the
 whitening error X - I = C + diag(v) that lies on the diagonal:  kappa = ||v||^2 / (||C||_F^2 + ||v||^2).
 So the update weights each part of the error by its size: mostly decorrelation while correlations dominate,
@@ -45,9 +52,10 @@ import torch
 __all__ = [
     'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
     'kron_factor_inputs', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa', 'offdiag_correlation',
-    'fused_weight', 'LOG_STAT_ROWS']
+    'fused_weight', 'LOG_STAT_ROWS', 'POWER_ITERATIONS']
 
 LOG_STAT_ROWS = 256  # rows of a sample used for the logged loss / correlation (cost n^2 d, not n d^2)
+POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
 
 
 class DecorrelationStep(NamedTuple):
@@ -60,12 +68,14 @@ class DecorrelationStep(NamedTuple):
         loss: Decorrelation loss of the sample before the update (see `decorrelation_loss`).
         correlation: RMS off-diagonal correlation of z before the update (see `offdiag_correlation`).
         rel_change: ||delta R||_F / ||R||_F of the proposed update.
+        capped: True if the step cap shrank the step (lr_eff < lr; see the module docstring).
     """
     applied: torch.Tensor
     loss: torch.Tensor
     correlation: torch.Tensor
     rel_change: torch.Tensor
     kappa: torch.Tensor
+    capped: torch.Tensor
 
 
 def fused_weight(
@@ -145,9 +155,11 @@ def decorrelation_update_(
         lr: float,
         kappa: Union[float, str],
         max_rel_change: float = 1.0,
+        max_step: float = float('inf'),
 ) -> DecorrelationStep:
     """One DBP step on R in place: R <- R - lr * [(1 - kappa) C + kappa diag(v)] R (see module docstring).
 
+    The step cap replaces lr by min(lr, max_step / |lambda|_max(G)) (inf: the plain rule, nothing estimated).
     Guards: the update is skipped (R untouched, `applied=False`) when the proposed change is non-finite
     (e.g. a NaN / inf input) or when ||delta R||_F > max_rel_change * ||R||_F (an update that would blow R up).
     The logged loss and correlation use the first LOG_STAT_ROWS rows of the (random) sample.
@@ -158,9 +170,11 @@ def decorrelation_update_(
         lr: Decorrelation learning rate (>= 0).
         kappa: 0 = decorrelate only, 1 = variance normalisation only, 'auto' = `auto_kappa` of this sample.
         max_rel_change: Largest accepted relative change of R per update.
+        max_step: Largest lr * |lambda|_max(G) of a step (> 0); larger steps are shrunk to it.
 
     Returns:
-        A `DecorrelationStep`: applied or not, loss and correlation before the update, relative change, kappa.
+        A `DecorrelationStep`: applied or not, loss and correlation before the update, relative change, kappa,
+        capped or not.
     """
     assert R.ndim >= 2 and R.shape[-1] == R.shape[-2], f'R must be square, got {tuple(R.shape)}'
     assert inputs.shape[:-2] == R.shape[:-2] and inputs.shape[-1] == R.shape[-1], \
@@ -178,14 +192,29 @@ def decorrelation_update_(
         XR = (z.mT @ z / n) @ Rf  # n d^2 + d^3 flops
     # [(1 - kappa) (X - D) + kappa (D - I)] R with D = diag(X); the diagonal terms are row scalings of R
     row_scale = (2 * k - 1) * diag - k
-    delta = ((1 - k[..., None]) * XR + row_scale[..., None] * Rf).mul_(lr)
+    step_size = diag.new_full(diag.shape[:-1], float(lr))
+    if max_step != float('inf'):
+        step_size = torch.minimum(step_size, max_step / _step_matrix_norm(z, diag, k))
+    delta = ((1 - k[..., None]) * XR + row_scale[..., None] * Rf).mul_(step_size[..., None, None])
 
     # Guards without a host sync: a rejected update is selected away, not branched around.
     rel_change = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(Rf).clamp_min(1e-30)
     applied = rel_change <= max_rel_change  # False for NaN / inf
     R.sub_(torch.where(applied[..., None, None], delta, 0.0).to(R.dtype))
     return DecorrelationStep(
-        applied, decorrelation_loss(z_log, kappa), offdiag_correlation(z_log), rel_change, kappa)
+        applied, decorrelation_loss(z_log, kappa), offdiag_correlation(z_log), rel_change, kappa, step_size < lr)
+
+
+def _step_matrix_norm(z: torch.Tensor, diag: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """|lambda|_max of G = (1 - k) C + k diag(v) by power iteration from the mean |z| (the mean direction that
+    dominates C after a ReLU), without forming G: G u = (1 - k) (Z^T Z u / n - diag(X) u) + k v u."""
+    u = z.abs().mean(-2)
+    Gu = u
+    for _ in range(POWER_ITERATIONS):
+        u = Gu / torch.linalg.vector_norm(Gu, dim=-1, keepdim=True).clamp_min(1e-30)
+        Xu = (z @ u[..., None]).mT @ z / z.shape[-2]
+        Gu = (1 - k) * (Xu.squeeze(-2) - diag * u) + k * (diag - 1) * u
+    return torch.linalg.vector_norm(Gu, dim=-1)
 
 
 @torch.no_grad()
@@ -195,6 +224,7 @@ def grouped_decorrelation_update_(
         lr: float,
         kappa: Union[float, str],
         max_rel_change: float = 1.0,
+        max_step: float = float('inf'),
 ) -> List[DecorrelationStep]:
     """`decorrelation_update_` on every (R, inputs) pair, one batched call per group of equal shapes and dtypes.
 
@@ -209,11 +239,11 @@ def grouped_decorrelation_update_(
         Rs = [problems[i][0] for i in members]
         if len(members) == 1:
             steps[members[0]] = decorrelation_update_(
-                Rs[0], problems[members[0]][1], lr=lr, kappa=kappa, max_rel_change=max_rel_change)
+                Rs[0], problems[members[0]][1], lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step)
             continue
         batch = torch.stack(Rs)
-        step = decorrelation_update_(
-            batch, torch.stack([problems[i][1] for i in members]), lr=lr, kappa=kappa, max_rel_change=max_rel_change)
+        step = decorrelation_update_(batch, torch.stack([problems[i][1] for i in members]), lr=lr, kappa=kappa,
+                                     max_rel_change=max_rel_change, max_step=max_step)
         torch._foreach_copy_(Rs, list(batch.unbind(0)))
         for j, i in enumerate(members):
             steps[i] = DecorrelationStep(*(field[j] for field in step))
@@ -258,7 +288,7 @@ def kron_factor_inputs(
 def combine_kron_steps(channel: DecorrelationStep, spatial: DecorrelationStep, c: int, s: int) -> DecorrelationStep:
     """One step for R = R_c (x) R_s from its factors' steps: `applied` when both were updated, `loss` the sum of
     the two losses, `correlation` the RMS over both factors' off-diagonal entries (c (c - 1) and s (s - 1) of
-    them), `rel_change` the larger, `kappa` the mean."""
+    them), `rel_change` the larger, `kappa` the mean, `capped` when either was capped."""
     pairs_c, pairs_s = c * (c - 1), s * (s - 1)
     correlation = ((channel.correlation.square() * pairs_c + spatial.correlation.square() * pairs_s)
                    / max(pairs_c + pairs_s, 1)).sqrt()
@@ -268,6 +298,7 @@ def combine_kron_steps(channel: DecorrelationStep, spatial: DecorrelationStep, c
         correlation,
         torch.maximum(channel.rel_change, spatial.rel_change),
         (channel.kappa + spatial.kappa) / 2,
+        channel.capped | spatial.capped,
     )
 
 
@@ -280,6 +311,7 @@ def kron_decorrelation_update_(
         lr: float,
         kappa: Union[float, str],
         max_rel_change: float = 1.0,
+        max_step: float = float('inf'),
 ) -> DecorrelationStep:
     """One DBP step on both factors of R = R_c (x) R_s in place, from the same current z = R_c P R_s^T.
 
@@ -290,11 +322,12 @@ def kron_decorrelation_update_(
         R_channel: Channel factor, shape (c, c); updated in place.
         R_spatial: Spatial factor, shape (s, s); updated in place.
         patches: Sampled conv patches P (not yet decorrelated), shape (n, c * s) or (n, c, s).
-        lr, kappa, max_rel_change: As for `decorrelation_update_`.
+        lr, kappa, max_rel_change, max_step: As for `decorrelation_update_`.
     """
     channel_vectors, spatial_vectors = kron_factor_inputs(R_channel, R_spatial, patches)
+    rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step)
     return combine_kron_steps(
-        decorrelation_update_(R_channel, channel_vectors, lr=lr, kappa=kappa, max_rel_change=max_rel_change),
-        decorrelation_update_(R_spatial, spatial_vectors, lr=lr, kappa=kappa, max_rel_change=max_rel_change),
+        decorrelation_update_(R_channel, channel_vectors, **rule),
+        decorrelation_update_(R_spatial, spatial_vectors, **rule),
         R_channel.shape[0], R_spatial.shape[0],
     )

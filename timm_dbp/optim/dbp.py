@@ -15,6 +15,9 @@ DecorConv2d / DecorLinear. DBP hyperparameters are param group entries, so group
                       layer and update from the measured errors (timm_dbp.layers.decorrelation.auto_kappa)
     decor_samples     inputs (conv patches / linear rows) sampled per layer per update, without replacement
     decor_interval    update R every k optimizer steps; unarmed layers sample nothing on the other steps
+    decor_max_step    step cap: lr * |lambda|_max of the update's matrix is kept <= decor_max_step by shrinking the
+                      step (timm_dbp.layers.decorrelation), so one decor_lr suits narrow and wide layers; None or
+                      inf = off (the paper's plain rule)
     decor_max_change  updates with ||dR|| > decor_max_change * ||R|| are refused (counted as skipped)
     decor_batch       update equal-shape R's (and kron factors) of all layers as one batch (fewer, larger tensor
                       operations; the same rule per layer, rounded differently); False updates layer by layer, so
@@ -43,6 +46,7 @@ DBP_DEFAULTS: Dict[str, Any] = dict(
     kappa=0.0,
     decor_samples=1024,
     decor_interval=1,
+    decor_max_step=0.5,
     decor_max_change=1.0,
     decor_batch=True,
 )
@@ -67,9 +71,13 @@ def _validate_dbp_args(args: Dict[str, Any]) -> None:
             raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
     if not isinstance(args['decor_batch'], bool):
         raise ValueError(f"decor_batch must be True or False, got {args['decor_batch']!r}")
-    max_change = args['decor_max_change']
-    if not (isinstance(max_change, (int, float)) and max_change > 0):
-        raise ValueError(f'decor_max_change must be a number > 0, got {max_change!r}')
+    for name in ('decor_max_step', 'decor_max_change'):
+        value = args[name]
+        if (value is None and name == 'decor_max_step') or (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            continue
+        off = " (or None / inf: no cap)" if name == 'decor_max_step' else ''
+        raise ValueError(f'{name} must be a number > 0{off}, got {value!r}')
 
 
 def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -172,14 +180,15 @@ class DBPMixin:
                 continue
             if distributed:
                 inputs = _all_gather_rows(inputs)
-            settings = (group['decor_lr'], group['kappa'], group['decor_max_change'])
+            max_step = float('inf') if group['decor_max_step'] is None else group['decor_max_step']
+            settings = (group['decor_lr'], group['kappa'], group['decor_max_change'], max_step)
             if not group['decor_batch']:
                 settings += (layer,)  # a group of its own
             work.setdefault(settings, []).append((layer, layer.decorrelation_problems(inputs)))
-        for (lr, kappa, max_change, *_), layers in work.items():
+        for (lr, kappa, max_change, max_step, *_), layers in work.items():
             steps = iter(grouped_decorrelation_update_(
                 [problem for _, problems in layers for problem in problems], lr=lr, kappa=kappa,
-                max_rel_change=max_change))
+                max_rel_change=max_change, max_step=max_step))
             for layer, problems in layers:
                 layer.record_decorrelation([next(steps) for _ in problems])
 
@@ -195,26 +204,28 @@ class DBPMixin:
         """Logging summary over this optimizer's DBP layers (one host sync).
 
         Keys: `decor_corr`, `decor_loss` and `decor_kappa` (means over layers of the last sample's RMS
-        off-diagonal correlation, decorrelation loss and kappa used, NaN before any update), `decor_updates` and
-        `decor_skipped` (totals), `decor_layers` (count).
+        off-diagonal correlation, decorrelation loss and kappa used, NaN before any update), `decor_updates`,
+        `decor_skipped` and `decor_capped` (totals), `decor_layers` (count).
         """
         layers = [layer for layer, _ in self.dbp_routes()]
         if not layers:
             return dict(decor_corr=float('nan'), decor_loss=float('nan'), decor_kappa=float('nan'), decor_updates=0,
-                        decor_skipped=0, decor_layers=0)
+                        decor_skipped=0, decor_capped=0, decor_layers=0)
         means = torch.stack([torch.stack([getattr(layer, key).float() for layer in layers]).nanmean()
                              for key in ('decor_corr', 'decor_loss', 'decor_kappa')])
-        counts = torch.stack([torch.stack([layer.decor_updates, layer.decor_skipped]) for layer in layers]).sum(0)
-        corr, loss, kappa, updates, skipped = torch.cat([means.cpu(), counts.float().cpu()]).tolist()
+        counts = torch.stack([torch.stack([layer.decor_updates, layer.decor_skipped, layer.decor_capped])
+                              for layer in layers]).sum(0)
+        corr, loss, kappa, updates, skipped, capped = torch.cat([means.cpu(), counts.float().cpu()]).tolist()
         return dict(decor_corr=corr, decor_loss=loss, decor_kappa=kappa, decor_updates=int(updates),
-                    decor_skipped=int(skipped), decor_layers=len(layers))
+                    decor_skipped=int(skipped), decor_capped=int(capped), decor_layers=len(layers))
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
         state['dbp'] = dict(
             step=self.dbp_step,
             seed=self.dbp_seed,
-            counters=[(int(layer.decor_updates), int(layer.decor_skipped)) for layer, _ in self.dbp_routes()],
+            counters=[(int(layer.decor_updates), int(layer.decor_skipped), int(layer.decor_capped))
+                      for layer, _ in self.dbp_routes()],
         )
         return state
 
@@ -230,9 +241,10 @@ class DBPMixin:
             self.dbp_seed = int(dbp_state.get('seed', self.dbp_seed))
             routes = self.dbp_routes()
             if len(dbp_state['counters']) == len(routes):
-                for (layer, _), (updates, skipped) in zip(routes, dbp_state['counters']):
+                for (layer, _), (updates, skipped, *capped) in zip(routes, dbp_state['counters']):
                     layer.decor_updates.fill_(updates)
                     layer.decor_skipped.fill_(skipped)
+                    layer.decor_capped.fill_(capped[0] if capped else 0)  # older checkpoints: 2 counters
         self._arm_layers()
 
     def __getstate__(self) -> Dict[str, Any]:
