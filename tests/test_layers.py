@@ -288,6 +288,55 @@ def test_huge_decor_lr_is_refused_and_R_stays_finite():
     assert bool(layer.update_decorrelation(_correlated(64, 6), lr=1e-2, kappa=0.0))
 
 
+def _update_matrix(R, x, kappa):
+    """G = (1 - kappa) C + kappa diag(v) of the rule, in float64 from the definitions."""
+    z = x.double() @ R.double().T
+    X = z.T @ z / x.shape[0]
+    return (1 - kappa) * (X - torch.diag(torch.diag(X))) + kappa * torch.diag(torch.diag(X) - 1)
+
+
+@pytest.mark.parametrize('kappa', [0.0, 0.3])
+@pytest.mark.parametrize('n', [50, 400])  # n < d (Gram path) and n >= d (direct path)
+def test_step_cap_is_the_rule_at_the_capped_rate(kappa, n):
+    """With max_step the update is the plain rule at lr_eff = min(lr, max_step / |lambda|_max(G)); inputs with a
+    large shared mean (a ReLU's) make |lambda|_max about d m^2, far above max_step / lr."""
+    torch.manual_seed(0)
+    d, lr, max_step = 96, 5e-2, 0.5
+    R = torch.eye(d) + 0.01 * torch.randn(d, d)
+    x = F.relu(torch.randn(n, d)) + 1.0
+    lam = torch.linalg.eigvalsh(_update_matrix(R, x, kappa)).abs().max().item()
+    assert lr * lam > 2  # the plain step would overshoot
+    capped, plain = R.clone(), R.clone()
+    step = decorrelation_update_(capped, x, lr=lr, kappa=kappa, max_step=max_step)
+    assert bool(step.applied) and bool(step.capped)
+    decorrelation_update_(plain, x, lr=max_step / lam, kappa=kappa)  # the rule at the exact capped rate
+    torch.testing.assert_close(capped, plain, rtol=1e-4, atol=1e-5)  # power iteration: |lambda| to ~1e-5
+    # below the cap nothing changes (bitwise) and the step is not counted as capped
+    calm, reference = R.clone(), R.clone()
+    step = decorrelation_update_(calm, x, lr=0.1 * max_step / lam, kappa=kappa, max_step=max_step)
+    decorrelation_update_(reference, x, lr=0.1 * max_step / lam, kappa=kappa)
+    assert not bool(step.capped) and torch.equal(calm, reference)
+
+
+def test_step_cap_keeps_a_wide_layer_stable_where_the_plain_rule_diverges():
+    """A decor_lr 10x past the stable rate: the plain rule blows the loss up and the guard refuses the rest; capped,
+    every update is applied and the decorrelation loss falls by orders of magnitude."""
+    d, lr = 128, 0.05
+    runs = {}
+    for max_step in (float('inf'), 0.5):
+        R, losses, applied = torch.eye(d), [], []
+        for step in range(30):
+            torch.manual_seed(step)
+            step = decorrelation_update_(R, F.relu(torch.randn(512, d)) + 0.5, lr=lr, kappa=0.0, max_step=max_step)
+            losses.append(step.loss.item())
+            applied.append(bool(step.applied))
+        runs[max_step] = (losses, applied, R)
+    losses, applied, R = runs[float('inf')]
+    assert not all(applied) and losses[-1] > losses[0]  # blown up, then refused
+    losses, applied, R = runs[0.5]
+    assert all(applied) and torch.isfinite(R).all() and losses[-1] < 1e-2 * losses[0], losses
+
+
 def test_capture_only_when_armed_and_training():
     conv = DecorConv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 8, 8)

@@ -194,7 +194,7 @@ def decorrelation_update_(
     row_scale = (2 * k - 1) * diag - k
     step_size = diag.new_full(diag.shape[:-1], float(lr))
     if max_step != float('inf'):
-        step_size = torch.minimum(step_size, max_step / _step_matrix_norm(z, diag, k))
+        step_size = torch.minimum(step_size, max_step / _update_matrix_norm(z, 1 - k, row_scale))
     delta = ((1 - k[..., None]) * XR + row_scale[..., None] * Rf).mul_(step_size[..., None, None])
 
     # Guards without a host sync: a rejected update is selected away, not branched around.
@@ -205,15 +205,14 @@ def decorrelation_update_(
         applied, decorrelation_loss(z_log, kappa), offdiag_correlation(z_log), rel_change, kappa, step_size < lr)
 
 
-def _step_matrix_norm(z: torch.Tensor, diag: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """|lambda|_max of G = (1 - k) C + k diag(v) by power iteration from the mean |z| (the mean direction that
-    dominates C after a ReLU), without forming G: G u = (1 - k) (Z^T Z u / n - diag(X) u) + k v u."""
+def _update_matrix_norm(z: torch.Tensor, offdiag_weight: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """|lambda|_max of G = (1 - kappa) C + kappa diag(v) by power iteration from the mean |z| (the mean direction
+    that dominates C after a ReLU), without forming G: G u = (1 - kappa) Z^T Z u / n + row_scale u."""
     u = z.abs().mean(-2)
     Gu = u
     for _ in range(POWER_ITERATIONS):
         u = Gu / torch.linalg.vector_norm(Gu, dim=-1, keepdim=True).clamp_min(1e-30)
-        Xu = (z @ u[..., None]).mT @ z / z.shape[-2]
-        Gu = (1 - k) * (Xu.squeeze(-2) - diag * u) + k * (diag - 1) * u
+        Gu = torch.addcmul(((z @ u[..., None]).mT @ z).squeeze(-2) * (offdiag_weight / z.shape[-2]), row_scale, u)
     return torch.linalg.vector_norm(Gu, dim=-1)
 
 
