@@ -271,9 +271,11 @@ def _dataset(args: Dict[str, Any], dataset_id: Optional[str]) -> Tuple[str, Opti
 def _dbp_settings(args: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str, Any]:
     opt_args = dict(args.get('opt_args') or {})
     settings = {}
-    for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval'):
+    for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step'):
         value = args.get(name)
         settings[name] = value if value is not None else opt_args.get(name, DBP_DEFAULTS[name])
+    if 'decor_max_step' not in args and 'decor_max_step' not in opt_args:
+        settings['decor_max_step'] = None  # a run from before the step cap existed: the plain rule
     settings.update(structure=model_args.get('dbp_structure', 'full'), exclude=model_args.get('dbp_exclude') or (),
                     max_dim=model_args.get('dbp_max_dim'), linear=model_args.get('dbp_linear', True))
     return settings

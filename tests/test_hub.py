@@ -122,7 +122,7 @@ def test_model_card_metadata_and_facts(dbp_folder, run_dir, checkpoint, tiny_fmn
     assert [r.metric_value for r in data.eval_results] == [round(top1, 3), round(top5, 3)]
     text = card.text
     assert f'| published | {checkpoint["epoch"]} | {top1:.2f} | {top5:.2f} |' in text
-    for fact in ('| decor_lr | 0.01 |', '| kappa | 0.5 |', '| decor_samples | 256 |', '| decor_interval | 2 |',
+    for fact in ('| decor_lr | 0.01 |', '| kappa | 0.5 |', '| decor_samples | 256 |', '| decor_interval | 2 |', '| decor_max_step | 0.5 |',
                  '| R structure (dbp_structure) | kron |', f'{float(row["train_decor_corr"]):.4f}',
                  'Published in **DBP form**', 'DBP layers: 16', '32 images of the Fashion-MNIST test split',
                  "timm.create_model('hf-hub:timm-dbp-test/fmnist', pretrained=True)", 'import timm_dbp',
@@ -144,6 +144,14 @@ def test_plot_from_summary_and_note_without_matplotlib(run_dir, tmp_path, monkey
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib -> ImportError
     names, note = publish._plot(rows, tmp_path, 'title', ema=False, epoch=0)
     assert names == [] and 'matplotlib' in note
+
+
+def test_dbp_settings_of_a_run_from_before_the_step_cap_say_it_was_off():
+    """args.yaml of older runs has no decor_max_step: they ran the plain rule, not today's default cap."""
+    old = publish._dbp_settings(dict(decor_lr=3e-3, kappa=0.0, decor_samples=1024, decor_interval=1), {})
+    new = publish._dbp_settings(dict(decor_lr=3e-3, kappa=0.0, decor_samples=1024, decor_interval=1,
+                                     decor_max_step=0.5), {})
+    assert old['decor_max_step'] is None and new['decor_max_step'] == 0.5
 
 
 def test_run_folder_png_is_published_as_is(run_dir, tmp_path):
