@@ -42,11 +42,11 @@ __all__ = ['with_dbp', 'is_dbp_optimizer', 'dbp_optimizer_of', 'NoDecorLayersWar
 _logger = logging.getLogger(__name__)
 
 DBP_DEFAULTS: Dict[str, Any] = dict(
-    decor_lr=3e-3,  # chosen by docs/BENCHMARKS.md, section 21 (1e-2 was better on a small ResNet, unstable on resnet50)
+    decor_lr=3e-3,  # BENCHMARKS sections 21, 24: 1e-2 is better on a small ResNet, worse on a short resnet50 run
     kappa=0.0,
     decor_samples=1024,
     decor_interval=1,
-    decor_max_step=0.5,
+    decor_max_step=0.5,  # BENCHMARKS section 24: binds only on the widest layers' first updates, keeps 1e-2 stable
     decor_max_change=1.0,
     decor_batch=True,
 )
