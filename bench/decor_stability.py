@@ -7,7 +7,7 @@ recipe (examples/fashion_mnist_bp_vs_dbp.py) and reports per epoch the mean deco
 by the guard and shrunk by the cap, and test top-1. Runs are resumable (a finished summary.csv is read, not re-run).
 Writes <out>.json (raw rows) and <out>.png (decorrelation loss per epoch).
 
-    python bench/decor_stability.py --out docs/bench_stability   # resnet18 / resnet50, decor_lr 3e-3 / 1e-2, cap off / on
+    python bench/decor_stability.py --out docs/bench_stability   # resnet18 / 50, decor_lr 3e-3 / 1e-2, cap off / on
     python bench/decor_stability.py --models dbp_test_resnet --decor-lrs 1e-2 --max-steps inf 0.5 --epochs 1 \\
         --train-num-samples 256 --val-num-samples 128 --out /tmp/stability_smoke   # seconds-long smoke run
 """

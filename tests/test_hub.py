@@ -122,7 +122,8 @@ def test_model_card_metadata_and_facts(dbp_folder, run_dir, checkpoint, tiny_fmn
     assert [r.metric_value for r in data.eval_results] == [round(top1, 3), round(top5, 3)]
     text = card.text
     assert f'| published | {checkpoint["epoch"]} | {top1:.2f} | {top5:.2f} |' in text
-    for fact in ('| decor_lr | 0.01 |', '| kappa | 0.5 |', '| decor_samples | 256 |', '| decor_interval | 2 |', '| decor_max_step | 0.5 |',
+    for fact in ('| decor_lr | 0.01 |', '| kappa | 0.5 |', '| decor_samples | 256 |', '| decor_interval | 2 |',
+                 '| decor_max_step | 0.5 |',
                  '| R structure (dbp_structure) | kron |', f'{float(row["train_decor_corr"]):.4f}',
                  'Published in **DBP form**', 'DBP layers: 16', '32 images of the Fashion-MNIST test split',
                  "timm.create_model('hf-hub:timm-dbp-test/fmnist', pretrained=True)", 'import timm_dbp',

@@ -166,8 +166,9 @@ class DecorLayer:
 
     Buffers: `decor_matrix` and, for a kron conv, `decor_spatial` (persistent, R's factors; an unused
     `decor_spatial` is an empty non-persistent buffer), and non-persistent `decor_updates`, `decor_skipped` (updates
-    applied / refused by a stability guard), `decor_capped` (updates shrunk by the step cap), `decor_loss`, `decor_corr` and `decor_kappa` (decorrelation loss and
-    RMS off-diagonal correlation of the last sample before its update, and the kappa used; NaN before the first).
+    applied / refused by a stability guard), `decor_capped` (updates shrunk by the step cap), `decor_loss`,
+    `decor_corr` and `decor_kappa` (decorrelation loss and RMS off-diagonal correlation of the last sample before its
+    update, and the kappa used; NaN before the first).
     """
     __jit_unused_properties__ = ['decor_dim', 'decor_state_bytes']
     decor_matrix: torch.Tensor
