@@ -30,6 +30,7 @@ parser.add_argument('--lr', type=float, default=0.2, help='weight learning rate'
 parser.add_argument('--decor-lrs', nargs='+', type=float, default=[3e-3, 1e-2])
 parser.add_argument('--max-steps', nargs='+', type=float, default=[float('inf'), 0.5],
                     help='decor_max_step values (inf = no cap)')
+parser.add_argument('--decor-samples', type=int, default=None, help='inputs sampled per layer (default: the library\'s)')
 parser.add_argument('--epochs', type=int, default=2)
 parser.add_argument('--train-num-samples', type=int, default=3000)
 parser.add_argument('--val-num-samples', type=int, default=1000)
@@ -41,13 +42,15 @@ parser.add_argument('--out', required=True, help='output prefix: writes <out>.js
 
 def run_one(args, model: str, decor_lr: float, max_step: float) -> dict:
     experiment = f'{model}-{args.opt}-lr{args.lr:g}-dlr{decor_lr:g}-cap{max_step:g}-s{args.seed}-e{args.epochs}' \
-                 f'-n{args.train_num_samples}'
+                 f'-n{args.train_num_samples}' + (f'-ds{args.decor_samples}' if args.decor_samples else '')
     summary = os.path.join(args.runs_dir, 'train', experiment, 'summary.csv')
     if not os.path.exists(summary) or len(list(csv.DictReader(open(summary)))) < args.epochs:
         cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
                *recipe_args(args.epochs, args.batch_size, args.train_num_samples, args.lr, args.runs_dir, args.seed),
                '--model', model, '--opt', args.opt, '--experiment', experiment, '--decor-lr', str(decor_lr),
                '--val-num-samples', str(args.val_num_samples), '--decor-max-step', str(max_step)]
+        if args.decor_samples:
+            cmd += ['--decor-samples', str(args.decor_samples)]
         print(f'=== {experiment}: {" ".join(cmd[1:])}', flush=True)
         result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
