@@ -87,7 +87,9 @@ def test_unknown_optimizer_name_fails():
     (dict(kappa=True), 'kappa'), (dict(decor_lr=-1e-3), 'decor_lr'),
     (dict(decor_samples=0), 'decor_samples'), (dict(decor_samples=2.5), 'decor_samples'),
     (dict(decor_interval=0), 'decor_interval'), (dict(decor_max_change=0), 'decor_max_change'),
-    (dict(decor_batch='yes'), 'decor_batch'),
+    (dict(decor_batch='yes'), 'decor_batch'), (dict(decor_max_step=0), 'decor_max_step'),
+    (dict(decor_max_step='inf'), 'decor_max_step'), (dict(decor_max_step=True), 'decor_max_step'),
+    (dict(decor_max_change=None), 'decor_max_change'),
 ])
 def test_bad_values_raise_value_error_naming_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
