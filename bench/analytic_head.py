@@ -24,7 +24,6 @@ run is read, not re-run). Writes <out>.json (everything, with this script's sour
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -42,7 +41,7 @@ from timm_dbp.data import FashionMNIST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'examples'))
-from fashion_mnist_bp_vs_dbp import read_curve, recipe_args  # noqa: E402
+from fashion_mnist_bp_vs_dbp import read_curve, recipe_args, train_unless_done  # noqa: E402
 
 MEAN, STD = (0.2860,), (0.3530,)  # train.py's Fashion-MNIST defaults
 
@@ -70,17 +69,14 @@ def train_backbone(args, name, epochs, num_samples):
     experiment = f'{name}-{args.model}-e{epochs}-n{num_samples}-b{args.batch_size}-lr{args.lr:g}'
     exp_dir = os.path.join(args.runs_dir, 'train', experiment)
     summary = os.path.join(exp_dir, 'summary.csv')
-    if len(read_curve(summary) if os.path.exists(summary) else []) < epochs:
-        cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
-               *recipe_args(epochs, args.batch_size, num_samples, args.lr, args.runs_dir, 0, args.workers),
-               '--model', args.model, '--opt', 'dbpsgd', '--decor-lr', '1e-3', '--kappa', '0',
-               '--experiment', experiment, '--no-energy']
-        if args.val_num_samples:
-            cmd += ['--val-num-samples', str(args.val_num_samples)]
-        print(f'=== {name} backbone: {" ".join(cmd[1:])}', flush=True)
-        result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            sys.exit(f'{name} backbone: train.py failed:\n{result.stderr[-3000:]}')
+    train_args = [*recipe_args(epochs, args.batch_size, num_samples, args.lr, args.runs_dir, 0, args.workers),
+                  '--model', args.model, '--opt', 'dbpsgd', '--decor-lr', '1e-3', '--kappa', '0',
+                  '--experiment', experiment, '--no-energy']
+    if args.val_num_samples:
+        train_args += ['--val-num-samples', str(args.val_num_samples)]
+    error = train_unless_done(train_args, summary, epochs, f'{name} backbone')
+    if error is not None:
+        sys.exit(f'{name} backbone: train.py failed:\n{error}')
     return os.path.join(exp_dir, 'last.pth.tar'), read_curve(summary)
 
 

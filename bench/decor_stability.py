@@ -15,13 +15,12 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 from datetime import datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'examples'))
-from fashion_mnist_bp_vs_dbp import recipe_args  # noqa: E402
+from fashion_mnist_bp_vs_dbp import recipe_args, train_unless_done  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--models', nargs='+', default=['dbp_resnet18', 'dbp_resnet50'])
@@ -30,7 +29,8 @@ parser.add_argument('--lr', type=float, default=0.2, help='weight learning rate'
 parser.add_argument('--decor-lrs', nargs='+', type=float, default=[3e-3, 1e-2])
 parser.add_argument('--max-steps', nargs='+', type=float, default=[float('inf'), 0.5],
                     help='decor_max_step values (inf = no cap)')
-parser.add_argument('--decor-samples', type=int, default=None, help='inputs sampled per layer (default: the library\'s)')
+parser.add_argument('--decor-samples', type=int, default=None,
+                    help='inputs sampled per layer (default: the library\'s)')
 parser.add_argument('--epochs', type=int, default=2)
 parser.add_argument('--train-num-samples', type=int, default=3000)
 parser.add_argument('--val-num-samples', type=int, default=1000)
@@ -44,17 +44,14 @@ def run_one(args, model: str, decor_lr: float, max_step: float) -> dict:
     experiment = f'{model}-{args.opt}-lr{args.lr:g}-dlr{decor_lr:g}-cap{max_step:g}-s{args.seed}-e{args.epochs}' \
                  f'-n{args.train_num_samples}' + (f'-ds{args.decor_samples}' if args.decor_samples else '')
     summary = os.path.join(args.runs_dir, 'train', experiment, 'summary.csv')
-    if not os.path.exists(summary) or len(list(csv.DictReader(open(summary)))) < args.epochs:
-        cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
-               *recipe_args(args.epochs, args.batch_size, args.train_num_samples, args.lr, args.runs_dir, args.seed),
-               '--model', model, '--opt', args.opt, '--experiment', experiment, '--decor-lr', str(decor_lr),
-               '--val-num-samples', str(args.val_num_samples), '--decor-max-step', str(max_step)]
-        if args.decor_samples:
-            cmd += ['--decor-samples', str(args.decor_samples)]
-        print(f'=== {experiment}: {" ".join(cmd[1:])}', flush=True)
-        result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            sys.exit(f'train.py failed for {experiment}:\n{result.stderr[-3000:]}')
+    train_args = [*recipe_args(args.epochs, args.batch_size, args.train_num_samples, args.lr, args.runs_dir, args.seed),
+                  '--model', model, '--opt', args.opt, '--experiment', experiment, '--decor-lr', str(decor_lr),
+                  '--val-num-samples', str(args.val_num_samples), '--decor-max-step', str(max_step)]
+    if args.decor_samples:
+        train_args += ['--decor-samples', str(args.decor_samples)]
+    error = train_unless_done(train_args, summary, args.epochs, experiment)
+    if error is not None:
+        sys.exit(f'train.py failed for {experiment}:\n{error}')
     with open(summary) as f:
         rows = list(csv.DictReader(f))
     epochs = [dict(epoch=int(r['epoch']), decor_loss=float(r['train_decor_loss']),

@@ -24,13 +24,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from datetime import datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'examples'))
-from fashion_mnist_bp_vs_dbp import read_curve, recipe_args, time_to_reach  # noqa: E402
+from fashion_mnist_bp_vs_dbp import read_curve, recipe_args, time_to_reach, train_unless_done  # noqa: E402
 
 # name: (processes, threads per process, extra train.py flags); 2 processes without --decoupled: DDP
 METHODS = {
@@ -66,22 +65,18 @@ def run_one(args, method, seed):
     batch = args.batch_size // procs if procs > 1 and '--decoupled' not in extra else args.batch_size  # DDP: global
     experiment = f'{method}-{args.model}-s{seed}-e{args.epochs}-n{args.train_num_samples}-b{args.batch_size}'
     summary = os.path.join(args.runs_dir, 'train', experiment, 'summary.csv')
-    curve = read_curve(summary) if os.path.exists(summary) else []
-    if len(curve) < args.epochs:
-        launcher = [sys.executable] if procs == 1 else [
-            sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={procs}']
-        cmd = [*launcher, os.path.join(ROOT, 'train.py'),
-               *recipe_args(args.epochs, batch, args.train_num_samples, lr, args.runs_dir, seed, 0),
-               '--model', args.model, '--opt', args.opt, '--experiment', experiment, '--no-energy', *extra]
-        if args.val_num_samples:
-            cmd += ['--val-num-samples', str(args.val_num_samples)]
-        print(f'=== {method} seed {seed}: {" ".join(cmd[1:])}', flush=True)
-        result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-        if result.returncode != 0:
-            print(result.stderr[-3000:], file=sys.stderr)
-            return dict(method=method, seed=seed, failed=True, curve=[])
-        curve = read_curve(summary)
+    launcher = [sys.executable] if procs == 1 else [
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={procs}']
+    train_args = [*recipe_args(args.epochs, batch, args.train_num_samples, lr, args.runs_dir, seed, 0),
+                  '--model', args.model, '--opt', args.opt, '--experiment', experiment, '--no-energy', *extra]
+    if args.val_num_samples:
+        train_args += ['--val-num-samples', str(args.val_num_samples)]
+    error = train_unless_done(train_args, summary, args.epochs, f'{method} seed {seed}', launcher=launcher,
+                              env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    if error is not None:
+        print(error, file=sys.stderr)
+        return dict(method=method, seed=seed, failed=True, curve=[])
+    curve = read_curve(summary)
     train_time = curve[-1][0]
     row = dict(method=method, seed=seed, lr=lr, failed=False, curve=curve, final_top1=curve[-1][1],
                best_top1=max(a for _, a in curve), train_time=train_time,

@@ -31,13 +31,13 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 from datetime import datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'examples'))
-from fashion_mnist_bp_vs_dbp import read_curve, recipe_args, time_to_reach  # noqa: E402
+from fashion_mnist_bp_vs_dbp import (  # noqa: E402
+    read_curve, recipe_args, time_to_reach, train_unless_done)
 
 # name: (model prefix, --opt, base lr, extra train.py flags[, environment]). BP methods train timm's model, DBP ones
 # its twin. timm's kron contracts a conv weight's preconditioner with one einsum: without opt_einsum (the `bench`
@@ -118,21 +118,16 @@ def run_one(args, method, lr_mult, seed, epochs=None):
     experiment = f'{method}-lr{lr:g}-s{seed}-e{epochs}-n{args.train_num_samples}-b{args.batch_size}'
     experiment += ''.join('_' + f.strip('-').replace('=', '-').replace('/', '-') for f in flags)
     summary = os.path.join(args.runs_dir, 'train', experiment, 'summary.csv')
-    curve = read_curve(summary) if os.path.exists(summary) else []
-    if len(curve) < epochs:
-        cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
-               *recipe_args(epochs, args.batch_size, args.train_num_samples, lr, args.runs_dir, seed,
-                            args.workers),
-               '--model', prefix + args.model, '--opt', opt, '--experiment', experiment, *extra, *flags]
-        if args.val_num_samples:
-            cmd += ['--val-num-samples', str(args.val_num_samples)]
-        print(f'=== {method} lr {lr:g} seed {seed} epochs {epochs}: {" ".join(cmd[1:])}', flush=True)
-        result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, **(env[0] if env else {})))
-        if result.returncode != 0:
-            print(result.stderr[-3000:], file=sys.stderr)
-            return dict(method=method, lr=lr, lr_mult=lr_mult, seed=seed, epochs=epochs, failed=True, curve=[])
-        curve = read_curve(summary)
+    train_args = [*recipe_args(epochs, args.batch_size, args.train_num_samples, lr, args.runs_dir, seed, args.workers),
+                  '--model', prefix + args.model, '--opt', opt, '--experiment', experiment, *extra, *flags]
+    if args.val_num_samples:
+        train_args += ['--val-num-samples', str(args.val_num_samples)]
+    error = train_unless_done(train_args, summary, epochs, f'{method} lr {lr:g} seed {seed} epochs {epochs}',
+                              env=dict(os.environ, **(env[0] if env else {})))
+    if error is not None:
+        print(error, file=sys.stderr)
+        return dict(method=method, lr=lr, lr_mult=lr_mult, seed=seed, epochs=epochs, failed=True, curve=[])
+    curve = read_curve(summary)
     row = dict(method=method, lr=lr, lr_mult=lr_mult, seed=seed, epochs=epochs, failed=False, curve=curve,
                final_top1=curve[-1][1], best_top1=max(a for _, a in curve), train_time=curve[-1][0])
     with open(summary) as f:  # DBP / energy columns of the last epoch, when present

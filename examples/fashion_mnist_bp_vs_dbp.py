@@ -50,6 +50,17 @@ def read_curve(summary_csv):
         return [(float(r['train_time']), float(r['eval_top1'])) for r in csv.DictReader(f) if r.get('eval_top1')]
 
 
+def train_unless_done(train_args, summary_csv, epochs, label, env=None, launcher=None):
+    """Run train.py with `train_args` (launched by `launcher`, default this Python) unless `summary_csv` already has
+    `epochs` evaluated epochs, so benchmarks resume; returns None, or the tail of train.py's stderr if it failed."""
+    if os.path.exists(summary_csv) and len(read_curve(summary_csv)) >= epochs:
+        return None
+    cmd = [*(launcher or [sys.executable]), os.path.join(ROOT, 'train.py'), *train_args]
+    print(f'=== {label}: {" ".join(cmd[1:])}', flush=True)
+    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return result.stderr[-3000:] if result.returncode != 0 else None
+
+
 def time_to_reach(curve, target):
     return next((t for t, acc in curve if acc >= target), None)
 
