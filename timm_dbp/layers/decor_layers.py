@@ -16,8 +16,11 @@ input z = R x.
 
 R is never trained by autograd. A DBP optimizer arms a layer (`decor_samples > 0`) for the forward of
 a step that updates R; that forward then stores a random sample of its inputs (patches or rows, drawn
-without replacement), overwriting any earlier one, so a gradient-checkpoint re-run is harmless. The
-optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed forwards cost nothing.
+without replacement), overwriting any earlier one, so a gradient-checkpoint re-run is harmless. A kron layer
+stores, instead of its (n, c, s) patches, the vectors each factor learns from (`kron_factor_inputs`, computed with
+the R of that forward, which is the R the update sees): n (c + s) numbers instead of n c s, so the sample held
+until the optimizer step (and all-gathered under DDP) is about s times smaller. The optimizer's `step()` consumes
+the sample with `update_decorrelation()`. Unarmed forwards cost nothing.
 
 Paper: https://arxiv.org/abs/2405.02385
 """
@@ -176,7 +179,7 @@ class DecorLayer:
     decor_structure: str
     decor_samples: int
     decor_seed: int
-    decor_inputs: Optional[torch.Tensor]
+    decor_inputs: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
 
     def _init_decor(self, structure: str = 'full', device=None, dtype=None) -> None:
         if structure not in DECOR_STRUCTURES:
@@ -254,24 +257,35 @@ class DecorLayer:
             if self.decor_structure == 'channel':  # a conv whose R_c acts on pixel vectors
                 self.decor_inputs = sample_pixels(x.detach(), self.groups, self.decor_samples, generator)
             elif hasattr(self, 'kernel_size'):  # a conv (also seen through a TorchScript wrapper)
-                self.decor_inputs = sample_conv_patches(
+                patches = sample_conv_patches(
                     x.detach(), self, self.decor_samples, generator, flat=self.decor_structure != 'kron')
+                spatial = self._spatial_factor()
+                # a kron R keeps only what its factors learn from (s times smaller than the patches)
+                self.decor_inputs = patches if spatial is None else kron_factor_inputs(
+                    self.decor_matrix, spatial, patches)
             else:
                 self.decor_inputs = sample_rows(x.detach(), self.decor_samples, generator)
 
-    def take_decor_inputs(self) -> Optional[torch.Tensor]:
+    def take_decor_inputs(self) -> Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]:
         """Return and clear the sample stored by the last armed training forward: (n, d) inputs x, whose rows are
-        conv patches (full), pixel channel vectors (channel) or linear inputs; (n, c, s) conv patches (kron)."""
+        conv patches (full), pixel channel vectors (channel) or linear inputs; for a kron R the pair
+        (channel vectors, spatial vectors) of `kron_factor_inputs` of the sampled patches."""
         inputs, self.decor_inputs = self.decor_inputs, None
         return inputs
 
-    def decorrelation_problems(self, inputs: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """(R or one of its factors, the vectors it learns from) for each factor of R, from sampled inputs (see
-        `take_decor_inputs`): [(R, inputs)], or for a kron R the channel and spatial `kron_factor_inputs`."""
+    def decorrelation_problems(
+            self,
+            inputs: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(R or one of its factors, the vectors it learns from) for each factor of R, from a sample (see
+        `take_decor_inputs`): [(R, inputs)]; for a kron R its factors with their vectors, given as the stored pair or
+        computed here (`kron_factor_inputs`) from (n, c * s) / (n, c, s) patches."""
         spatial = self._spatial_factor()
         if spatial is None:
             return [(self.decor_matrix, inputs)]
-        return list(zip((self.decor_matrix, spatial), kron_factor_inputs(self.decor_matrix, spatial, inputs)))
+        if isinstance(inputs, torch.Tensor):
+            inputs = kron_factor_inputs(self.decor_matrix, spatial, inputs)
+        return list(zip((self.decor_matrix, spatial), inputs))
 
     @torch.no_grad()
     def record_decorrelation(self, steps: Sequence[DecorrelationStep]) -> torch.Tensor:
@@ -289,7 +303,7 @@ class DecorLayer:
     @torch.no_grad()
     def update_decorrelation(
             self,
-            inputs: torch.Tensor,
+            inputs: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
             lr: float,
             kappa: Union[float, str],
             max_rel_change: float = 1.0,

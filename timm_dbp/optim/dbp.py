@@ -178,8 +178,9 @@ class DBPMixin:
             inputs = layer.take_decor_inputs()
             if inputs is None or group['decor_lr'] == 0 or (self.dbp_step - 1) % group['decor_interval'] != 0:
                 continue
-            if distributed:
-                inputs = _all_gather_rows(inputs)
+            if distributed:  # a kron layer's sample is a pair of vector sets
+                inputs = _all_gather_rows(inputs) if isinstance(inputs, torch.Tensor) else tuple(
+                    _all_gather_rows(part) for part in inputs)
             max_step = float('inf') if group['decor_max_step'] is None else group['decor_max_step']
             settings = (group['decor_lr'], group['kappa'], group['decor_max_change'], max_step)
             if not group['decor_batch']:
