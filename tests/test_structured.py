@@ -147,25 +147,36 @@ def test_kron_small_sample_uses_every_position():
 
 
 def test_kron_layer_stores_factor_vectors_of_its_patches():
-    """An armed kron layer keeps the vectors its factors learn from (computed with its current R), not the patches:
-    the same vectors and the same update as from the patches drawn with the same seed, s times fewer numbers."""
+    """An armed kron layer draws decor_samples / KRON_VECTORS_PER_PATCH patches and keeps the decor_samples vectors
+    each factor learns from (computed with its current R), not the patches: the same vectors and the same update as
+    from the patches drawn with the same seed."""
     torch.manual_seed(0)
     layer = _perturbed(DecorConv2d.from_conv(nn.Conv2d(6, 5, 3, padding=1), decor_structure='kron').double())
     x = torch.randn(4, 6, 20, 20, dtype=torch.double)
-    layer.decor_samples, layer.decor_seed = 1024, 7
+    layer.decor_samples, layer.decor_seed = 1000, 7
     layer(x)
     stored = layer.take_decor_inputs()
-    patches = sample_conv_patches(x, layer, 1024, torch.Generator().manual_seed(7), flat=False)
-    expected = decorrelation.kron_factor_inputs(layer.decor_matrix, layer.decor_spatial, patches)
-    assert isinstance(stored, tuple) and len(stored) == 2
+    assert decorrelation.KRON_VECTORS_PER_PATCH == 4
+    patches = sample_conv_patches(x, layer, 250, torch.Generator().manual_seed(7), flat=False)
+    expected = decorrelation.kron_factor_inputs(layer.decor_matrix, layer.decor_spatial, patches, num_vectors=1000)
+    assert isinstance(stored, tuple) and [t.shape for t in stored] == [(1000, 6), (1000, 9)]  # 4 vectors per patch
     for got, want in zip(stored, expected):
         assert torch.equal(got, want)
-    assert [t.shape for t in stored] == [(1024, 6), (1024, 9)]  # one vector per patch each: 15 numbers, not 54
     twin = copy.deepcopy(layer)
     assert bool(layer.update_decorrelation(stored, lr=0.05, kappa=0.3))
-    assert bool(twin.update_decorrelation(patches, lr=0.05, kappa=0.3))  # patches are still accepted
+    assert bool(twin.update_decorrelation(expected, lr=0.05, kappa=0.3))
     for key in ('decor_matrix', 'decor_spatial', 'decor_loss', 'decor_corr'):
         assert torch.equal(getattr(layer, key), getattr(twin, key)), key
+
+
+def test_kron_layer_with_few_positions_uses_more_vectors_per_patch():
+    """A deep layer of a small image has fewer patches than asked for: each gives more vectors (up to all s), so the
+    factors still learn from decor_samples vectors where the patches hold them."""
+    layer = DecorConv2d.from_conv(nn.Conv2d(16, 4, 3, padding=1), decor_structure='kron')
+    layer.decor_samples = 1024
+    layer(torch.randn(8, 16, 4, 4))  # 128 patches
+    channel_vectors, spatial_vectors = layer.take_decor_inputs()
+    assert channel_vectors.shape == (1024, 16) and spatial_vectors.shape == (1024, 9)  # 8 vectors per patch
 
 
 def test_kron_guard_refuses_and_reports():

@@ -17,10 +17,10 @@ input z = R x.
 R is never trained by autograd. A DBP optimizer arms a layer (`decor_samples > 0`) for the forward of
 a step that updates R; that forward then stores a random sample of its inputs (patches or rows, drawn
 without replacement), overwriting any earlier one, so a gradient-checkpoint re-run is harmless. A kron layer
-stores, instead of its (n, c, s) patches, the vectors each factor learns from (`kron_factor_inputs`, computed with
-the R of that forward, which is the R the update sees): n (c + s) numbers instead of n c s, so the sample held
-until the optimizer step (and all-gathered under DDP) is about s times smaller. The optimizer's `step()` consumes
-the sample with `update_decorrelation()`. Unarmed forwards cost nothing.
+draws decor_samples / KRON_VECTORS_PER_PATCH patches and stores, instead of them, the decor_samples vectors each of
+its factors learns from (`kron_factor_inputs`, computed with the R of that forward, which is the R the update sees):
+decor_samples (c + s) numbers held until the optimizer step (and all-gathered under DDP), not c s per patch. The
+optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed forwards cost nothing.
 
 Paper: https://arxiv.org/abs/2405.02385
 """
@@ -34,7 +34,8 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .decorrelation import (
-    DecorrelationStep, combine_kron_steps, fused_weight, grouped_decorrelation_update_, kron_factor_inputs)
+    KRON_VECTORS_PER_PATCH, DecorrelationStep, combine_kron_steps, fused_weight, grouped_decorrelation_update_,
+    kron_factor_inputs)
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
@@ -257,12 +258,13 @@ class DecorLayer:
             if self.decor_structure == 'channel':  # a conv whose R_c acts on pixel vectors
                 self.decor_inputs = sample_pixels(x.detach(), self.groups, self.decor_samples, generator)
             elif hasattr(self, 'kernel_size'):  # a conv (also seen through a TorchScript wrapper)
-                patches = sample_conv_patches(
-                    x.detach(), self, self.decor_samples, generator, flat=self.decor_structure != 'kron')
                 spatial = self._spatial_factor()
-                # a kron R keeps only what its factors learn from (s times smaller than the patches)
-                self.decor_inputs = patches if spatial is None else kron_factor_inputs(
-                    self.decor_matrix, spatial, patches)
+                if spatial is None:
+                    self.decor_inputs = sample_conv_patches(x.detach(), self, self.decor_samples, generator)
+                else:  # fewer patches, several vectors each; kept as the factors' vectors (s times smaller)
+                    patches = sample_conv_patches(x.detach(), self, -(-self.decor_samples // KRON_VECTORS_PER_PATCH),
+                                                  generator, flat=False)
+                    self.decor_inputs = kron_factor_inputs(self.decor_matrix, spatial, patches, self.decor_samples)
             else:
                 self.decor_inputs = sample_rows(x.detach(), self.decor_samples, generator)
 

@@ -52,7 +52,7 @@ import torch
 __all__ = [
     'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
     'kron_factor_inputs', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa', 'offdiag_correlation',
-    'fused_weight', 'LOG_STAT_ROWS', 'POWER_ITERATIONS']
+    'fused_weight', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'KRON_MIN_VECTORS', 'KRON_VECTORS_PER_PATCH']
 
 LOG_STAT_ROWS = 256  # rows of a sample used for the logged loss / correlation (cost n^2 d, not n d^2)
 POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
@@ -249,12 +249,13 @@ def grouped_decorrelation_update_(
     return steps
 
 
-KRON_MIN_VECTORS = 1024  # a kron factor learns from at least this many vectors when the sample has them
+KRON_MIN_VECTORS = 1024  # vectors a kron factor learns from by default (`kron_factor_inputs`)
+KRON_VECTORS_PER_PATCH = 4  # a kron layer draws decor_samples / 4 patches (BENCHMARKS section 25)
 
 
-def _spread(n: int, size: int, device: torch.device) -> torch.Tensor:
-    """Indices (n, q) into `size` positions, (k q + j) mod size: q = 1 for a large sample, up to all of them."""
-    q = min(size, max(1, KRON_MIN_VECTORS // n))
+def _spread(n: int, size: int, num_vectors: int, device: torch.device) -> torch.Tensor:
+    """Indices (n, q) into `size` positions, (k q + j) mod size, q = num_vectors // n (at least 1, at most size)."""
+    q = min(size, max(1, num_vectors // n))
     return (torch.arange(n, device=device)[:, None] * q + torch.arange(q, device=device)) % size
 
 
@@ -262,12 +263,16 @@ def kron_factor_inputs(
         R_channel: torch.Tensor,
         R_spatial: torch.Tensor,
         patches: torch.Tensor,
+        num_vectors: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The vectors each factor of R = R_c (x) R_s learns from, for the current factors (see the module docstring).
 
-    Per sampled patch P_k (c x s), q vectors each, q = 1 when n >= KRON_MIN_VECTORS (so a factor's update costs
-    n c^2, not n s c^2), more when the sample is small (at most all of them): for R_c the columns
-    (k q + j) mod s of P_k R_s^T, for R_s the rows (k q + j) mod c of R_c P_k, j < q.
+    Per sampled patch P_k (c x s), q = num_vectors // n vectors each (at least 1, so a large sample costs a factor's
+    update n c^2, not n s c^2; at most all of them): for R_c the columns (k q + j) mod s of P_k R_s^T, for R_s the
+    rows (k q + j) mod c of R_c P_k, j < q. num_vectors defaults to KRON_MIN_VECTORS. A kron layer draws
+    n = decor_samples / KRON_VECTORS_PER_PATCH patches and asks for decor_samples vectors: gathering the patches is
+    the costly part of sampling, and a few columns / rows of one patch served its factors as well as as many
+    patches in the benchmarks (BENCHMARKS sections 24e, 25).
 
     Args:
         R_channel: Channel factor, shape (c, c).
@@ -279,8 +284,9 @@ def kron_factor_inputs(
     """
     c, s = R_channel.shape[0], R_spatial.shape[0]
     P = patches.float().reshape(-1, c, s)
-    channel_vectors = torch.einsum('ncs,nqs->nqc', P, R_spatial.float()[_spread(P.shape[0], s, P.device)])
-    spatial_vectors = torch.einsum('nqc,ncs->nqs', R_channel.float()[_spread(P.shape[0], c, P.device)], P)
+    n, num_vectors = P.shape[0], KRON_MIN_VECTORS if num_vectors is None else num_vectors
+    channel_vectors = torch.einsum('ncs,nqs->nqc', P, R_spatial.float()[_spread(n, s, num_vectors, P.device)])
+    spatial_vectors = torch.einsum('nqc,ncs->nqs', R_channel.float()[_spread(n, c, num_vectors, P.device)], P)
     return channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s)
 
 
