@@ -212,6 +212,28 @@ def test_grouped_update_is_each_pairs_own_update(kappa):
             torch.testing.assert_close(value, getattr(step_expected, field), equal_nan=True, msg=field)
 
 
+def test_grouped_update_leaves_large_R_unbatched(monkeypatch):
+    """R's wider than BATCH_MAX_DIM are never stacked (a batch of them costs memory, not time): each is updated by
+    its own call, bitwise; smaller ones still are."""
+    from timm_dbp.layers import decorrelation
+    torch.manual_seed(0)
+    problems = [(torch.eye(d) + 0.1 * torch.randn(d, d), torch.randn(50, d)) for d in (6, 6, 3, 3)]
+    expected = [(R.clone(), x) for R, x in problems]
+    for R, x in expected:
+        decorrelation_update_(R, x, lr=0.01, kappa=0.0)
+    stacked = []
+    stack = torch.stack
+    monkeypatch.setattr(torch, 'stack', lambda tensors, *a, **k: stacked.append(tensors[0].shape) or stack(
+        tensors, *a, **k))
+    monkeypatch.setattr(decorrelation, 'BATCH_MAX_DIM', 5)
+    grouped_decorrelation_update_(problems, lr=0.01, kappa=0.0)
+    assert (6, 6) not in stacked and (3, 3) in stacked
+    for (R, _), (R_expected, _) in zip(problems[:2], expected[:2]):
+        assert torch.equal(R, R_expected)
+    for (R, _), (R_expected, _) in zip(problems[2:], expected[2:]):
+        torch.testing.assert_close(R, R_expected)
+
+
 def test_variance_term_scales_rows_not_columns():
     torch.manual_seed(0)
     d = 4

@@ -52,10 +52,11 @@ import torch
 __all__ = [
     'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
     'kron_factor_inputs', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa', 'offdiag_correlation',
-    'fused_weight', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'KRON_MIN_VECTORS', 'KRON_VECTORS_PER_PATCH']
+    'fused_weight', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM', 'KRON_MIN_VECTORS', 'KRON_VECTORS_PER_PATCH']
 
 LOG_STAT_ROWS = 256  # rows of a sample used for the logged loss / correlation (cost n^2 d, not n d^2)
 POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
+BATCH_MAX_DIM = 512  # `grouped_decorrelation_update_` batches equal-shape R's up to this size
 
 
 class DecorrelationStep(NamedTuple):
@@ -228,7 +229,9 @@ def grouped_decorrelation_update_(
     """`decorrelation_update_` on every (R, inputs) pair, one batched call per group of equal shapes and dtypes.
 
     The same rule and guards per pair, so the result is each pair's own update (up to float rounding): pairs of a
-    group are stacked, updated as a batch and copied back into their R.
+    group are stacked, updated as a batch and copied back into their R. Only R's of at most BATCH_MAX_DIM rows are
+    batched: batching saves per-operation overhead, which only small problems feel, and stacking large ones costs
+    memory (full R of resnet18: 1 GiB more peak training memory); larger R's are updated one by one.
     """
     groups: Dict[tuple, List[int]] = {}
     for i, (R, inputs) in enumerate(problems):
@@ -236,9 +239,10 @@ def grouped_decorrelation_update_(
     steps: List[Optional[DecorrelationStep]] = [None] * len(problems)
     for members in groups.values():
         Rs = [problems[i][0] for i in members]
-        if len(members) == 1:
-            steps[members[0]] = decorrelation_update_(
-                Rs[0], problems[members[0]][1], lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step)
+        if len(members) == 1 or Rs[0].shape[-1] > BATCH_MAX_DIM:
+            for i in members:
+                steps[i] = decorrelation_update_(*problems[i], lr=lr, kappa=kappa, max_rel_change=max_rel_change,
+                                                 max_step=max_step)
             continue
         batch = torch.stack(Rs)
         step = decorrelation_update_(batch, torch.stack([problems[i][1] for i in members]), lr=lr, kappa=kappa,

@@ -19,9 +19,9 @@ DecorConv2d / DecorLinear. DBP hyperparameters are param group entries, so group
                       step (timm_dbp.layers.decorrelation), so one decor_lr suits narrow and wide layers; None or
                       inf = off (the paper's plain rule)
     decor_max_change  updates with ||dR|| > decor_max_change * ||R|| are refused (counted as skipped)
-    decor_batch       update equal-shape R's (and kron factors) of all layers as one batch (fewer, larger tensor
-                      operations; the same rule per layer, rounded differently); False updates layer by layer, so
-                      each layer's R is bitwise independent of which other layers this optimizer holds
+    decor_batch       update equal-shape R's (and kron factors) of all layers as one batch, up to 512 x 512 (fewer,
+                      larger tensor operations; the same rule per layer, rounded differently); False updates layer
+                      by layer, so each layer's R is bitwise independent of which other layers this optimizer holds
 
 Under torch.distributed the sampled inputs are all-gathered, so every rank applies the identical update
 and R stays equal across ranks without broadcasting it.
