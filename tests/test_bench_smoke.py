@@ -51,6 +51,17 @@ def test_decor_samples_smoke(tmp_path):
     assert [r['n'] for r in rows] == [16, 64]
 
 
+@pytest.mark.skipif(not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'),
+                    reason='needs dataset-fashion-mnist (scripts/install.sh installs it)')
+def test_kron_sampling_smoke(tmp_path):
+    out = _run('kron_sampling.py', '--model', 'dbp_test_resnet', '--img-size', '32', '-b', '8', '--warmup-steps', '1',
+               '--vectors', '64', '--per-patch', '1', '4', '--max-ref', '512', '--draws', '1',
+               '--out', str(tmp_path / 'k.json'))
+    result = json.loads((tmp_path / 'k.json').read_text())
+    assert [entry['per_patch'] for entry in result['summary']] == [1, 4] and 'R_c error' in out
+    assert all(0 < entry['channel_median'] < 10 and 0 < entry['spatial_median'] < 10 for entry in result['summary'])
+
+
 def test_step_cost_with_dbp_settings_smoke(tmp_path):
     _run('step_cost.py', '--configs', 'test_resnet:32:4', '--repeats', '1', '--out', str(tmp_path / 's'),
          '--dbp', 'dbp_structure=kron', 'decor_interval=2')
