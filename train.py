@@ -190,6 +190,8 @@ group.add_argument('--kappa', type=_kappa, default=None,
                    help="0 = decorrelate, 1 = normalise variances, 'auto' = chosen per layer from the measured errors")
 group.add_argument('--decor-samples', type=int, default=None, help='inputs sampled per layer per R update')
 group.add_argument('--decor-interval', type=int, default=None, help='update R every k optimizer steps')
+group.add_argument('--decor-vectors-per-patch', type=int, default=None,
+                   help='kron R: vectors per factor drawn from each sampled patch (decor_samples / this many patches)')
 group.add_argument('--decor-max-step', type=float, default=None,
                    help='step cap of the R update: decor_lr * |lambda|_max <= this (inf = no cap)')
 
@@ -436,7 +438,7 @@ def check_model_name(name: str) -> None:
 
 
 # --decor-lr, --kappa, ...: None = the optimizer's default
-DBP_SHORTCUTS = ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step')
+DBP_SHORTCUTS = ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step', 'decor_vectors_per_patch')
 
 
 def _optimizer_kwargs(args) -> dict:

@@ -69,6 +69,9 @@ METHODS = {
     # section 21, 3e-3 since)
     **{f'dbp_kron_dlr{dlr}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', dlr])
        for dlr in ('1e-4', '3e-4', '1e-3', '3e-3', '1e-2', '3e-2')},
+    # one vector per sampled kron patch (decor_vectors_per_patch 1: the sampling before section 25)
+    'dbp_kron_dlr3e-3_v1': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', '3e-3',
+                                                    '--decor-vectors-per-patch', '1']),
     # fewer sampled patches (section 24e): a kron factor still learns from 1024 vectors (4 per patch at 256)
     **{f'dbp_kron_dlr3e-3_n{n}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', '3e-3',
                                                           '--decor-samples', str(n)]) for n in (256,)},

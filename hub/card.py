@@ -251,6 +251,8 @@ def _dbp_settings(f: CardFacts) -> str:
         ('kappa', s.get('kappa'), '0 = decorrelate only, 1 = normalise variances only, auto = per layer'),
         ('decor_samples', s.get('decor_samples'), 'inputs sampled per layer per R update'),
         ('decor_interval', s.get('decor_interval'), 'R updated every k optimizer steps'),
+        ('decor_vectors_per_patch', s.get('decor_vectors_per_patch'),
+         'kron R: vectors per factor from each sampled patch'),
         ('decor_max_step', 'off' if s.get('decor_max_step') in (None, float('inf')) else s.get('decor_max_step'),
          'step cap: decor_lr * |lambda|_max of the update kept <= this (off: the paper\'s plain rule)'),
         ('R structure (dbp_structure)', s.get('structure'), 'full: (c·s)² per conv; channel: c²; kron: c² and s²'),

@@ -271,11 +271,13 @@ def _dataset(args: Dict[str, Any], dataset_id: Optional[str]) -> Tuple[str, Opti
 def _dbp_settings(args: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str, Any]:
     opt_args = dict(args.get('opt_args') or {})
     settings = {}
-    for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step'):
+    for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step', 'decor_vectors_per_patch'):
         value = args.get(name)
         settings[name] = value if value is not None else opt_args.get(name, DBP_DEFAULTS[name])
     if 'decor_max_step' not in args and 'decor_max_step' not in opt_args:
         settings['decor_max_step'] = None  # a run from before the step cap existed: the plain rule
+    if 'decor_vectors_per_patch' not in args and 'decor_vectors_per_patch' not in opt_args:
+        settings['decor_vectors_per_patch'] = 1  # a run from before the option existed: one vector per patch
     settings.update(structure=model_args.get('dbp_structure', 'full'), exclude=model_args.get('dbp_exclude') or (),
                     max_dim=model_args.get('dbp_max_dim'), linear=model_args.get('dbp_linear', True))
     return settings

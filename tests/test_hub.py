@@ -22,6 +22,7 @@ import train
 from hub import place_in_hf_cache, publish
 from hub.load import HubLoadError, load_model
 from timm_dbp import PretrainedWeightsError, decor_layers
+from timm_dbp.optim import DBP_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,6 +154,10 @@ def test_dbp_settings_of_a_run_from_before_the_step_cap_say_it_was_off():
     new = publish._dbp_settings(dict(decor_lr=3e-3, kappa=0.0, decor_samples=1024, decor_interval=1,
                                      decor_max_step=0.5), {})
     assert old['decor_max_step'] is None and new['decor_max_step'] == 0.5
+    # nor decor_vectors_per_patch: they drew one vector per patch; newer runs without the flag ran the default
+    assert old['decor_vectors_per_patch'] == 1 and new['decor_vectors_per_patch'] == 1
+    newest = publish._dbp_settings(dict(decor_lr=3e-3, decor_max_step=0.5, decor_vectors_per_patch=None), {})
+    assert newest['decor_vectors_per_patch'] == DBP_DEFAULTS['decor_vectors_per_patch'] == 2
 
 
 def test_run_folder_png_is_published_as_is(run_dir, tmp_path):

@@ -10,6 +10,7 @@ from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 
 import timm_dbp
 from timm_dbp import NoDecorLayersWarning, decor_layers, is_dbp_optimizer
+from timm_dbp.optim import with_dbp
 
 DBP_NAMES = list_optimizers('dbp*')
 LR = {'dbpsgd': 0.05, 'dbpmomentum': 0.05, 'dbpsgdw': 0.05, 'dbplars': 0.05}
@@ -89,7 +90,8 @@ def test_unknown_optimizer_name_fails():
     (dict(decor_interval=0), 'decor_interval'), (dict(decor_max_change=0), 'decor_max_change'),
     (dict(decor_batch='yes'), 'decor_batch'), (dict(decor_max_step=0), 'decor_max_step'),
     (dict(decor_max_step='inf'), 'decor_max_step'), (dict(decor_max_step=True), 'decor_max_step'),
-    (dict(decor_max_change=None), 'decor_max_change'),
+    (dict(decor_max_change=None), 'decor_max_change'), (dict(decor_vectors_per_patch=0), 'decor_vectors_per_patch'),
+    (dict(decor_vectors_per_patch=1.5), 'decor_vectors_per_patch'),
 ])
 def test_bad_values_raise_value_error_naming_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
@@ -139,6 +141,29 @@ def test_optimizer_updates_every_layer_as_its_own_update_would(batch):
                 torch.testing.assert_close(getattr(layer, key), getattr(twin, key), msg=f'{name} {key}')
             else:
                 assert torch.equal(getattr(layer, key), getattr(twin, key)), f'{name} {key}'
+
+
+def test_vectors_per_patch_reaches_the_layers_of_its_param_group(monkeypatch):
+    """decor_vectors_per_patch is a param-group option: a kron layer draws decor_samples / it patches."""
+    import importlib
+    module = importlib.import_module('timm_dbp.layers.decor_layers')
+    drawn = []
+    sample = module.sample_conv_patches
+    monkeypatch.setattr(module, 'sample_conv_patches', lambda x, conv, n, *a, **k: drawn.append((conv, n)) or sample(
+        x, conv, n, *a, **k))
+    model = _model()
+    kron = [layer for _, layer in decor_layers(model) if layer.decor_spatial.numel()]
+    first = {id(p) for p in kron[0].parameters()}
+    groups = [dict(params=[p for p in model.parameters() if id(p) in first], decor_vectors_per_patch=1),
+              dict(params=[p for p in model.parameters() if id(p) not in first])]
+    opt = with_dbp(torch.optim.SGD)(groups, lr=0.01, decor_samples=64)
+    assert kron[0].decor_vectors_per_patch == 1 and kron[1].decor_vectors_per_patch == 2
+    x, y = _batch(0)
+    F.cross_entropy(model(x), y).backward()
+    requested = {id(conv): n for conv, n in drawn}
+    assert requested[id(kron[0])] == 64 and requested[id(kron[1])] == 32
+    opt.step()
+    assert int(kron[0].decor_updates) == int(kron[1].decor_updates) == 1
 
 
 def test_interval_updates_every_k_steps_and_samples_only_then():

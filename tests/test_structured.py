@@ -147,16 +147,15 @@ def test_kron_small_sample_uses_every_position():
 
 
 def test_kron_layer_stores_factor_vectors_of_its_patches():
-    """An armed kron layer draws decor_samples / KRON_VECTORS_PER_PATCH patches and keeps the decor_samples vectors
+    """An armed kron layer draws decor_samples / decor_vectors_per_patch patches and keeps the decor_samples vectors
     each factor learns from (computed with its current R), not the patches: the same vectors and the same update as
     from the patches drawn with the same seed."""
     torch.manual_seed(0)
     layer = _perturbed(DecorConv2d.from_conv(nn.Conv2d(6, 5, 3, padding=1), decor_structure='kron').double())
     x = torch.randn(4, 6, 20, 20, dtype=torch.double)
-    layer.decor_samples, layer.decor_seed = 1000, 7
+    layer.decor_samples, layer.decor_seed, layer.decor_vectors_per_patch = 1000, 7, 4
     layer(x)
     stored = layer.take_decor_inputs()
-    assert decorrelation.KRON_VECTORS_PER_PATCH == 4
     patches = sample_conv_patches(x, layer, 250, torch.Generator().manual_seed(7), flat=False)
     expected = decorrelation.kron_factor_inputs(layer.decor_matrix, layer.decor_spatial, patches, num_vectors=1000)
     assert isinstance(stored, tuple) and [t.shape for t in stored] == [(1000, 6), (1000, 9)]  # 4 vectors per patch
@@ -177,6 +176,11 @@ def test_kron_layer_with_few_positions_uses_more_vectors_per_patch():
     layer(torch.randn(8, 16, 4, 4))  # 128 patches
     channel_vectors, spatial_vectors = layer.take_decor_inputs()
     assert channel_vectors.shape == (1024, 16) and spatial_vectors.shape == (1024, 9)  # 8 vectors per patch
+    layer(torch.randn(8, 16, 32, 32))  # 8192 patches: decor_samples / DEFAULT_VECTORS_PER_PATCH of them are drawn
+    assert [t.shape[0] for t in layer.take_decor_inputs()] == [1024, 1024]
+    layer.decor_vectors_per_patch = 1000  # more than a patch has: every column / row of the 2 patches drawn
+    layer(torch.randn(8, 16, 32, 32))
+    assert [t.shape[0] for t in layer.take_decor_inputs()] == [2 * 9, 2 * 16]
 
 
 def test_kron_guard_refuses_and_reports():

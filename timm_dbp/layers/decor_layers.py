@@ -17,7 +17,7 @@ input z = R x.
 R is never trained by autograd. A DBP optimizer arms a layer (`decor_samples > 0`) for the forward of
 a step that updates R; that forward then stores a random sample of its inputs (patches or rows, drawn
 without replacement), overwriting any earlier one, so a gradient-checkpoint re-run is harmless. A kron layer
-draws decor_samples / KRON_VECTORS_PER_PATCH patches and stores, instead of them, the decor_samples vectors each of
+draws decor_samples / decor_vectors_per_patch patches and stores, instead of them, the decor_samples vectors each of
 its factors learns from (`kron_factor_inputs`, computed with the R of that forward, which is the R the update sees):
 decor_samples (c + s) numbers held until the optimizer step (and all-gathered under DDP), not c s per patch. The
 optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed forwards cost nothing.
@@ -34,15 +34,15 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .decorrelation import (
-    KRON_VECTORS_PER_PATCH, DecorrelationStep, combine_kron_steps, fused_weight, grouped_decorrelation_update_,
-    kron_factor_inputs)
+    DecorrelationStep, combine_kron_steps, fused_weight, grouped_decorrelation_update_, kron_factor_inputs)
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
-    'DEFAULT_STRUCTURE', 'sample_conv_patches', 'sample_pixels', 'sample_rows']
+    'DEFAULT_STRUCTURE', 'DEFAULT_VECTORS_PER_PATCH', 'sample_conv_patches', 'sample_pixels', 'sample_rows']
 
 DECOR_STRUCTURES = ('full', 'channel', 'kron')
 DEFAULT_STRUCTURE = 'kron'  # of decorrelate() and the dbp_ models: chosen by docs/BENCHMARKS.md, section 12
+DEFAULT_VECTORS_PER_PATCH = 2  # of a kron layer's sample (`decor_vectors_per_patch`): BENCHMARKS section 25
 
 
 def sample_conv_patches(
@@ -179,6 +179,7 @@ class DecorLayer:
     decor_spatial: torch.Tensor
     decor_structure: str
     decor_samples: int
+    decor_vectors_per_patch: int
     decor_seed: int
     decor_inputs: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
 
@@ -201,6 +202,7 @@ class DecorLayer:
         self.register_buffer('decor_corr', torch.full((), float('nan'), device=device), persistent=False)
         self.register_buffer('decor_kappa', torch.full((), float('nan'), device=device), persistent=False)
         self.decor_samples = 0  # inputs to capture on the next training forward, 0 = off
+        self.decor_vectors_per_patch = DEFAULT_VECTORS_PER_PATCH  # kron: vectors per factor drawn from one patch
         self.decor_seed = -1  # seed of that sample (set by the optimizer); -1 = torch's global generator
         self.decor_inputs: Optional[torch.Tensor] = None
         self.reset_decorrelation()
@@ -238,6 +240,7 @@ class DecorLayer:
     def __setstate__(self, state) -> None:
         # pickle / deepcopy build the layer without __init__: register the copy's weight as well
         super().__setstate__(state)
+        self.__dict__.setdefault('decor_vectors_per_patch', DEFAULT_VECTORS_PER_PATCH)  # pickled by older versions
         _register_weight(self)
 
     def _spatial_factor(self) -> Optional[torch.Tensor]:
@@ -262,8 +265,8 @@ class DecorLayer:
                 if spatial is None:
                     self.decor_inputs = sample_conv_patches(x.detach(), self, self.decor_samples, generator)
                 else:  # fewer patches, several vectors each; kept as the factors' vectors (s times smaller)
-                    patches = sample_conv_patches(x.detach(), self, -(-self.decor_samples // KRON_VECTORS_PER_PATCH),
-                                                  generator, flat=False)
+                    num_patches = -(-self.decor_samples // self.decor_vectors_per_patch)
+                    patches = sample_conv_patches(x.detach(), self, num_patches, generator, flat=False)
                     self.decor_inputs = kron_factor_inputs(self.decor_matrix, spatial, patches, self.decor_samples)
             else:
                 self.decor_inputs = sample_rows(x.detach(), self.decor_samples, generator)

@@ -52,7 +52,7 @@ import torch
 __all__ = [
     'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
     'kron_factor_inputs', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa', 'offdiag_correlation',
-    'fused_weight', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM', 'KRON_MIN_VECTORS', 'KRON_VECTORS_PER_PATCH']
+    'fused_weight', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM', 'KRON_MIN_VECTORS']
 
 LOG_STAT_ROWS = 256  # rows of a sample used for the logged loss / correlation (cost n^2 d, not n d^2)
 POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
@@ -254,7 +254,6 @@ def grouped_decorrelation_update_(
 
 
 KRON_MIN_VECTORS = 1024  # vectors a kron factor learns from by default (`kron_factor_inputs`)
-KRON_VECTORS_PER_PATCH = 4  # a kron layer draws decor_samples / 4 patches (BENCHMARKS section 25)
 
 
 def _spread(n: int, size: int, num_vectors: int, device: torch.device) -> torch.Tensor:
@@ -274,9 +273,9 @@ def kron_factor_inputs(
     Per sampled patch P_k (c x s), q = num_vectors // n vectors each (at least 1, so a large sample costs a factor's
     update n c^2, not n s c^2; at most all of them): for R_c the columns (k q + j) mod s of P_k R_s^T, for R_s the
     rows (k q + j) mod c of R_c P_k, j < q. num_vectors defaults to KRON_MIN_VECTORS. A kron layer draws
-    n = decor_samples / KRON_VECTORS_PER_PATCH patches and asks for decor_samples vectors: gathering the patches is
-    the costly part of sampling, and a few columns / rows of one patch served its factors as well as as many
-    patches in the benchmarks (BENCHMARKS sections 24e, 25).
+    n = decor_samples / decor_vectors_per_patch patches and asks for decor_samples vectors: gathering the patches
+    is the costly part of sampling, and 2 columns / rows of one patch inform a factor almost as well as 2 patches
+    (BENCHMARKS section 25).
 
     Args:
         R_channel: Channel factor, shape (c, c).

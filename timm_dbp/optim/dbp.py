@@ -13,7 +13,10 @@ DecorConv2d / DecorLinear. DBP hyperparameters are param group entries, so group
     decor_lr          learning rate of R (>= 0)
     kappa             0 = decorrelate, 1 = normalise variances, in between towards whitening; 'auto' = chosen per
                       layer and update from the measured errors (timm_dbp.layers.decorrelation.auto_kappa)
-    decor_samples     inputs (conv patches / linear rows) sampled per layer per update, without replacement
+    decor_samples     inputs (conv patches / linear rows) sampled per layer per update, without replacement; for a
+                      kron R the vectors each factor learns from
+    decor_vectors_per_patch  kron R: its decor_samples vectors per factor come from decor_samples / this many patches
+                      (gathering patches is the costly part of sampling); 1 = one vector per patch
     decor_interval    update R every k optimizer steps; unarmed layers sample nothing on the other steps
     decor_max_step    step cap: lr * |lambda|_max of the update's matrix is kept <= decor_max_step by shrinking the
                       step (timm_dbp.layers.decorrelation), so one decor_lr suits narrow and wide layers; None or
@@ -35,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from timm_dbp.layers import DecorLayer, find_decor_layer, grouped_decorrelation_update_
+from timm_dbp.layers import DEFAULT_VECTORS_PER_PATCH, DecorLayer, find_decor_layer, grouped_decorrelation_update_
 
 __all__ = ['with_dbp', 'is_dbp_optimizer', 'dbp_optimizer_of', 'NoDecorLayersWarning', 'DBP_DEFAULTS']
 
@@ -45,6 +48,7 @@ DBP_DEFAULTS: Dict[str, Any] = dict(
     decor_lr=3e-3,  # BENCHMARKS sections 21, 24: 1e-2 is better on a small ResNet, worse on a short resnet50 run
     kappa=0.0,
     decor_samples=1024,
+    decor_vectors_per_patch=DEFAULT_VECTORS_PER_PATCH,  # BENCHMARKS section 25: 2 per patch ~ 2 patches
     decor_interval=1,
     decor_max_step=0.5,  # BENCHMARKS section 24: binds only on the widest layers' first updates, keeps 1e-2 stable
     decor_max_change=1.0,
@@ -65,7 +69,7 @@ def _validate_dbp_args(args: Dict[str, Any]) -> None:
         raise ValueError(f'decor_lr must be a number >= 0, got {decor_lr!r}')
     if not (kappa == 'auto' or (isinstance(kappa, (int, float)) and not isinstance(kappa, bool) and 0 <= kappa <= 1)):
         raise ValueError(f"kappa must be a number in [0, 1] or 'auto', got {kappa!r}")
-    for name in ('decor_samples', 'decor_interval'):
+    for name in ('decor_samples', 'decor_interval', 'decor_vectors_per_patch'):
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
@@ -157,6 +161,7 @@ class DBPMixin:
         for index, (layer, group) in enumerate(self.dbp_routes()):
             updates_next = self.dbp_step % group['decor_interval'] == 0
             layer.decor_samples = group['decor_samples'] if updates_next and group['decor_lr'] > 0 else 0
+            layer.decor_vectors_per_patch = group['decor_vectors_per_patch']
             layer.decor_seed = (self.dbp_seed + 1_000_003 * self.dbp_step + 7919 * (self.dbp_layer_offset + index)
                                 ) % _SEED_MOD
 
@@ -270,9 +275,8 @@ _DBP_CLASSES: Dict[Type[Optimizer], Type[Optimizer]] = {}
 def with_dbp(base_class: Type[Optimizer]) -> Type[Optimizer]:
     """The DBP version of a torch optimizer class (cached; `with_dbp(SGD) is with_dbp(SGD)`).
 
-    The class takes the base class's arguments plus `decor_lr`, `kappa`, `decor_samples`,
-    `decor_interval`, `decor_max_change`, `decor_batch` and `verbose` (keyword-only), and its `__init__` signature
-    says so (timm's factory and tests read it).
+    The class takes the base class's arguments plus the DBP options of DBP_DEFAULTS and `verbose` (keyword-only), and
+    its `__init__` signature says so (timm's factory and tests read it).
 
     Examples:
         >>> DBPAdamW = with_dbp(torch.optim.AdamW)
