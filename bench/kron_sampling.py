@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 import timm_dbp
 from timm_dbp.data import load_fashion_mnist
-from timm_dbp.layers import DecorConv2d, decorrelation_update_, kron_factor_inputs, sample_conv_patches
+from timm_dbp.layers import DecorConv2d, kron_factor_inputs, sample_conv_patches
+
+from decor_samples import delta_R  # bench/decor_samples.py: the update direction, guards off
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--model', default='dbp_resnet18')
@@ -35,13 +37,6 @@ parser.add_argument('--warmup-steps', type=int, default=20)
 parser.add_argument('--draws', type=int, default=5)
 parser.add_argument('--seed', type=int, default=0)
 parser.add_argument('--out', default=None, help='write results (and this script) as JSON')
-
-
-def update_direction(R: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """[(1 - kappa) C + kappa diag(v)] R at kappa = 0, lr = 1, guards and cap off."""
-    after = R.clone()
-    decorrelation_update_(after, vectors, lr=1.0, kappa=0.0, max_rel_change=float('inf'))
-    return R - after
 
 
 def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -77,7 +72,7 @@ def main():
         c, s = R_c.shape[0], R_s.shape[0]
         ref_patches = sample_conv_patches(inputs[name], layer, args.max_ref, generator, flat=False)
         n_ref = ref_patches.shape[0]
-        ref = [update_direction(R, v) for R, v in zip(
+        ref = [delta_R(R, v) for R, v in zip(
             (R_c, R_s), kron_factor_inputs(R_c, R_s, ref_patches, num_vectors=n_ref * max(c, s)))]
         row = dict(layer=name, c=c, s=s, patches=n_ref, channel={}, spatial={})
         for q in args.per_patch:
@@ -88,7 +83,7 @@ def main():
             for _ in range(args.draws):
                 patches = sample_conv_patches(inputs[name], layer, n, generator, flat=False)
                 for k, (R, v) in enumerate(zip((R_c, R_s), kron_factor_inputs(R_c, R_s, patches, args.vectors))):
-                    errors[k].append(relative_error(update_direction(R, v), ref[k]))
+                    errors[k].append(relative_error(delta_R(R, v), ref[k]))
             row['channel'][q], row['spatial'][q] = (statistics.mean(e) for e in errors)
         rows.append(row)
 
