@@ -154,10 +154,11 @@ def test_dbp_settings_of_a_run_from_before_the_step_cap_say_it_was_off():
     new = publish._dbp_settings(dict(decor_lr=3e-3, kappa=0.0, decor_samples=1024, decor_interval=1,
                                      decor_max_step=0.5), {})
     assert old['decor_max_step'] is None and new['decor_max_step'] == 0.5
-    # nor decor_vectors_per_patch: they drew one vector per patch; newer runs without the flag ran the default
+    # nor decor_vectors_per_patch: they drew one vector per patch; newer runs show the flag's value or the default
     assert old['decor_vectors_per_patch'] == 1 and new['decor_vectors_per_patch'] == 1
+    assert publish._dbp_settings(dict(decor_vectors_per_patch=4), {})['decor_vectors_per_patch'] == 4
     newest = publish._dbp_settings(dict(decor_lr=3e-3, decor_max_step=0.5, decor_vectors_per_patch=None), {})
-    assert newest['decor_vectors_per_patch'] == DBP_DEFAULTS['decor_vectors_per_patch'] == 2
+    assert newest['decor_vectors_per_patch'] == DBP_DEFAULTS['decor_vectors_per_patch'] == 1
 
 
 def test_run_folder_png_is_published_as_is(run_dir, tmp_path):

@@ -154,10 +154,10 @@ def test_vectors_per_patch_reaches_the_layers_of_its_param_group(monkeypatch):
     model = _model()
     kron = [layer for _, layer in decor_layers(model) if layer.decor_spatial.numel()]
     first = {id(p) for p in kron[0].parameters()}
-    groups = [dict(params=[p for p in model.parameters() if id(p) in first], decor_vectors_per_patch=1),
-              dict(params=[p for p in model.parameters() if id(p) not in first])]
+    groups = [dict(params=[p for p in model.parameters() if id(p) in first]),
+              dict(params=[p for p in model.parameters() if id(p) not in first], decor_vectors_per_patch=2)]
     opt = with_dbp(torch.optim.SGD)(groups, lr=0.01, decor_samples=64)
-    assert kron[0].decor_vectors_per_patch == 1 and kron[1].decor_vectors_per_patch == 2
+    assert kron[0].decor_vectors_per_patch == 1 and kron[1].decor_vectors_per_patch == 2  # the default, the group's
     x, y = _batch(0)
     F.cross_entropy(model(x), y).backward()
     requested = {id(conv): n for conv, n in drawn}

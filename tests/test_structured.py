@@ -176,7 +176,8 @@ def test_kron_layer_with_few_positions_uses_more_vectors_per_patch():
     layer(torch.randn(8, 16, 4, 4))  # 128 patches
     channel_vectors, spatial_vectors = layer.take_decor_inputs()
     assert channel_vectors.shape == (1024, 16) and spatial_vectors.shape == (1024, 9)  # 8 vectors per patch
-    layer(torch.randn(8, 16, 32, 32))  # 8192 patches: decor_samples / DEFAULT_VECTORS_PER_PATCH of them are drawn
+    layer.decor_vectors_per_patch = 2
+    layer(torch.randn(8, 16, 32, 32))  # 8192 patches: 512 are drawn, 2 vectors each
     assert [t.shape[0] for t in layer.take_decor_inputs()] == [1024, 1024]
     layer.decor_vectors_per_patch = 1000  # more than a patch has: every column / row of the 2 patches drawn
     layer(torch.randn(8, 16, 32, 32))

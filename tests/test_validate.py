@@ -32,7 +32,7 @@ def test_fold_gives_the_same_accuracy(tiny_fmnist, trained):
     assert plain['top1'] == folded['top1'] == twin['top1']
     assert plain['loss'] == pytest.approx(folded['loss'], rel=1e-4) == pytest.approx(twin['loss'], rel=1e-4)
     ckpt = torch.load(trained, weights_only=False)
-    assert plain['top1'] == pytest.approx(ckpt['metric'])
+    assert plain['top1'] == pytest.approx(ckpt['metric'], abs=1e-4)  # validate.py reports 4 decimals
 
 
 def test_ema_weights_and_results_file(tiny_fmnist, trained, tmp_path):

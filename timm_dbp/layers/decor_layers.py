@@ -42,7 +42,7 @@ __all__ = [
 
 DECOR_STRUCTURES = ('full', 'channel', 'kron')
 DEFAULT_STRUCTURE = 'kron'  # of decorrelate() and the dbp_ models: chosen by docs/BENCHMARKS.md, section 12
-DEFAULT_VECTORS_PER_PATCH = 2  # of a kron layer's sample (`decor_vectors_per_patch`): BENCHMARKS section 25
+DEFAULT_VECTORS_PER_PATCH = 1  # of a kron layer's sample (`decor_vectors_per_patch`): BENCHMARKS section 25
 
 
 def sample_conv_patches(
