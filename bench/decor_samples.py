@@ -48,20 +48,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def main():
-    args = parser.parse_args()
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+def warmed_up_model(name: str, structure: str, img_size: int, batch_size: int, steps: int, seed: int = 0,
+                    device: torch.device = torch.device('cpu'), **opt_kwargs):
+    """(model, images, labels): dbp_ model `name` (1 channel, 10 classes, R `structure`) after `steps` dbpsgd steps
+    (lr 0.05 and `opt_kwargs`) on Fashion-MNIST resized to img_size, so R and W have moved as in training."""
     images, labels = load_fashion_mnist('train')
-    x_all = F.interpolate(images[:, None].float().div(255), size=args.img_size, mode='bilinear').to(device)
+    x_all = F.interpolate(images[:, None].float().div(255), size=img_size, mode='bilinear').to(device)
     y_all = labels.to(device)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, in_chans=1, num_classes=10, dbp_structure='full').to(device)  # patch R
-    opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, decor_lr=1e-3)
-    for step in range(args.warmup_steps):
-        idx = torch.randint(0, len(x_all), (args.batch_size,), device=device)
+    torch.manual_seed(seed)
+    model = timm.create_model(name, in_chans=1, num_classes=10, dbp_structure=structure).to(device)
+    opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, **opt_kwargs)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_all), (batch_size,), device=device)
         F.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
         opt.step()
         opt.zero_grad()
+    return model, x_all, y_all
+
+
+def main():
+    args = parser.parse_args()
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    model, x_all, _ = warmed_up_model(args.model, 'full', args.img_size, args.batch_size, args.warmup_steps,
+                                      device=device, decor_lr=1e-3)  # patch R
 
     layers = list(timm_dbp.decor_layers(model))
     batch = x_all[:args.batch_size]

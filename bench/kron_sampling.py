@@ -16,15 +16,12 @@ import argparse
 import json
 import statistics
 
-import timm
 import torch
-import torch.nn.functional as F
 
 import timm_dbp
-from timm_dbp.data import load_fashion_mnist
 from timm_dbp.layers import DecorConv2d, kron_factor_inputs, sample_conv_patches
 
-from decor_samples import delta_R  # bench/decor_samples.py: the update direction, guards off
+from decor_samples import delta_R, warmed_up_model  # bench/decor_samples.py
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--model', default='dbp_resnet18')
@@ -45,16 +42,8 @@ def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 def main():
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    images, labels = load_fashion_mnist('train')
-    x_all = F.interpolate(images[:, None].float().div(255), size=args.img_size, mode='bilinear')
-    model = timm.create_model(args.model, in_chans=1, num_classes=10, dbp_structure='kron')
-    opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, momentum=0.9)
-    for _ in range(args.warmup_steps):  # R and W move away from their initial values, as in training
-        idx = torch.randint(0, len(x_all), (args.batch_size,))
-        F.cross_entropy(model(x_all[idx]), labels[idx]).backward()
-        opt.step()
-        opt.zero_grad()
+    model, x_all, _ = warmed_up_model(args.model, 'kron', args.img_size, args.batch_size, args.warmup_steps,
+                                      seed=args.seed, momentum=0.9)
 
     layers = [(n, m) for n, m in timm_dbp.decor_layers(model)
               if isinstance(m, DecorConv2d) and m.decor_spatial.numel() > 0]

@@ -268,16 +268,19 @@ def _dataset(args: Dict[str, Any], dataset_id: Optional[str]) -> Tuple[str, Opti
     return (args.get('dataset') or 'an image folder dataset'), dataset_id, split
 
 
+# what runs from before an option existed did: no step cap (the plain rule), one vector per sampled patch
+_SETTINGS_OF_OLDER_RUNS = {'decor_max_step': None, 'decor_vectors_per_patch': 1}
+
+
 def _dbp_settings(args: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str, Any]:
     opt_args = dict(args.get('opt_args') or {})
     settings = {}
     for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step', 'decor_vectors_per_patch'):
         value = args.get(name)
         settings[name] = value if value is not None else opt_args.get(name, DBP_DEFAULTS[name])
-    if 'decor_max_step' not in args and 'decor_max_step' not in opt_args:
-        settings['decor_max_step'] = None  # a run from before the step cap existed: the plain rule
-    if 'decor_vectors_per_patch' not in args and 'decor_vectors_per_patch' not in opt_args:
-        settings['decor_vectors_per_patch'] = 1  # a run from before the option existed: one vector per patch
+    for name, before in _SETTINGS_OF_OLDER_RUNS.items():  # args.yaml from before the option existed
+        if name not in args and name not in opt_args:
+            settings[name] = before
     settings.update(structure=model_args.get('dbp_structure', 'full'), exclude=model_args.get('dbp_exclude') or (),
                     max_dim=model_args.get('dbp_max_dim'), linear=model_args.get('dbp_linear', True))
     return settings

@@ -204,7 +204,7 @@ class DecorLayer:
         self.decor_samples = 0  # inputs to capture on the next training forward, 0 = off
         self.decor_vectors_per_patch = DEFAULT_VECTORS_PER_PATCH  # kron: vectors per factor drawn from one patch
         self.decor_seed = -1  # seed of that sample (set by the optimizer); -1 = torch's global generator
-        self.decor_inputs: Optional[torch.Tensor] = None
+        self.decor_inputs = None
         self.reset_decorrelation()
         _register_weight(self)
 
