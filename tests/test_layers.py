@@ -6,10 +6,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm_dbp.layers import (
-    DecorConv2d, DecorLinear, auto_kappa, decorrelate, decorrelation_update_, fold, grouped_decorrelation_update_,
-    offdiag_correlation,
-    sample_conv_patches,
+    DecorConv2d, DecorLinear, auto_kappa, decorrelate, decorrelation_loss, decorrelation_update_, fold,
+    grouped_decorrelation_update_, offdiag_correlation, sample_conv_patches,
 )
+from timm_dbp.layers.decorrelation import LOG_STAT_ROWS
 
 CONV_CONFIGS = [
     dict(kernel_size=3, padding=1),
@@ -152,6 +152,26 @@ def test_update_matches_reference(n, kappa):
     step = decorrelation_update_(R, x, lr=1e-3, kappa=kappa)
     assert bool(step.applied)
     torch.testing.assert_close(R.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('n,d', [(40, 12), (5, 12), (300, 400)])  # X formed; Gram path; Gram of the first rows
+@pytest.mark.parametrize('kappa', [0.3, 'auto'])
+def test_logged_statistics_are_those_of_the_sample(n, d, kappa):
+    """The step's loss, correlation and kappa are `decorrelation_loss`, `offdiag_correlation` and `auto_kappa` of
+    z = R x before the update: of the whole sample when n >= d; when n < d, their off-diagonal parts are of the
+    sample's first LOG_STAT_ROWS rows (the variance error v is always of the whole sample)."""
+    torch.manual_seed(0)
+    R = torch.eye(d) + 0.05 * torch.randn(d, d)
+    x = F.relu(torch.randn(n, d) @ torch.randn(d, d))
+    z = x @ R.T
+    z_log = z if n >= d else z[:LOG_STAT_ROWS]
+    step = decorrelation_update_(R, x, lr=1e-3, kappa=kappa)
+    expected_kappa = auto_kappa(z_log, z.square().mean(0) - 1) if kappa == 'auto' else torch.tensor(kappa)
+    torch.testing.assert_close(step.kappa, expected_kappa)
+    variance_loss = (z.square().mean(0) - 1).square().mean()
+    expected_loss = (1 - expected_kappa) * decorrelation_loss(z_log, 0.0) + expected_kappa * variance_loss
+    torch.testing.assert_close(step.loss, expected_loss, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(step.correlation, offdiag_correlation(z_log), rtol=1e-4, atol=1e-7)
 
 
 def test_update_matches_hand_computed_3x3():

@@ -23,20 +23,22 @@ Step cap (max_step = tau): the step is R <- (I - lr G) R with G = (1 - kappa) C 
 lr |lambda|_max(G) stays well below 2. After a ReLU every input has a positive mean m, so C is close to d m m^T and
 its largest eigenvalue grows with the width d: a decor_lr that suits a 256-channel layer blows up a 2048-channel one.
 The cap takes lr_eff = min(lr, tau / |lambda|_max(G)), |lambda|_max estimated by POWER_ITERATIONS products G u from
-the mean |z| direction (2 n d flops each), so I - lr_eff G keeps its eigenvalues in [1 - tau, 1 + tau]: R stays
-invertible for tau < 1, and the cap changes nothing where lr |lambda|_max <= tau.
+the RMS of z (the mean direction that dominates C after a ReLU), so I - lr_eff G keeps its eigenvalues in
+[1 - tau, 1 + tau]: R stays invertible for tau < 1, and the cap changes nothing where lr |lambda|_max <= tau.
 
 kappa = 'auto' (the paper leaves kappa task-dependent) picks, at every update of every layer, the share of the
 whitening error X - I = C + diag(v) that lies on the diagonal:  kappa = ||v||^2 / (||C||_F^2 + ||v||^2).
 So the update weights each part of the error by its size: mostly decorrelation while correlations dominate,
-more variance normalisation when variances drift far from 1. ||v|| uses the whole sample, ||C||_F its first
-LOG_STAT_ROWS rows (the rows the logged loss uses; no extra cost).
+more variance normalisation when variances drift far from 1.
 
-Cost: with n < d, X R is computed as (1/n) Z^T (Z R) in 3 n d^2 flops instead of forming X and paying
-d^3 for X R; with n >= d the direct form is cheaper. Both give the same R up to float rounding. Every function
-here also takes a batch of equal-shape problems (R (..., d, d), inputs (..., n, d)), and
-`grouped_decorrelation_update_` updates many layers' R in one batched call per shape: a small model's update is
-bound by the number of tensor operations, not by flops.
+Cost, from n sampled inputs of dimension d: with n >= d, X = R S R^T from the input moment S = (1/n) x^T x
+(n d^2 + 2 d^3 flops), and everything else (G R, the cap, the logged loss, correlation and auto kappa) from the
+d x d matrix X alone; with n < d, X is never formed: X M = (1/n) Z^T (Z M) (3 n d^2 flops for the update), and
+the off-diagonal statistics (logged loss, correlation, auto kappa) take the Gram matrix of the first LOG_STAT_ROWS
+rows. Both give the same R
+up to float rounding. Every function here also takes a batch of equal-shape problems (R (..., d, d), inputs
+(..., n, d)), and `grouped_decorrelation_update_` updates many layers' R in one batched call per shape: a small
+model's update is bound by the number of tensor operations, not by flops.
 
 Structured R for a conv, whose input patch is a (c x s) matrix P (c = channels per group, s = kh * kw):
     full      R is (c s) x (c s): the paper's rule on flattened patches
@@ -54,7 +56,7 @@ __all__ = [
     'kron_factor_inputs', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa', 'offdiag_correlation',
     'fused_weight', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM', 'KRON_MIN_VECTORS']
 
-LOG_STAT_ROWS = 256  # rows of a sample used for the logged loss / correlation (cost n^2 d, not n d^2)
+LOG_STAT_ROWS = 256  # rows of a sample (n < d) used for the logged loss / correlation (cost n^2 d)
 POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
 BATCH_MAX_DIM = 512  # `grouped_decorrelation_update_` batches equal-shape R's up to this size
 
@@ -113,6 +115,25 @@ def _offdiag_sq_mean(z: torch.Tensor) -> torch.Tensor:
     return (sq_sum - z.square().mean(-2).square().sum(-1)).clamp_min(0) / max(d * (d - 1), 1)
 
 
+def _moment_offdiag_sq_mean(X: torch.Tensor) -> torch.Tensor:
+    """mean_{i != j} X_ij^2 of a second moment X (..., d, d) itself."""
+    d = X.shape[-1]
+    sq_sum = X.square().sum((-2, -1))
+    return (sq_sum - X.diagonal(dim1=-2, dim2=-1).square().sum(-1)).clamp_min(0) / max(d * (d - 1), 1)
+
+
+def _moment_correlation(X: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """`offdiag_correlation` of the inputs whose second moment is X (..., d, d)."""
+    scale = X.diagonal(dim1=-2, dim2=-1).add(eps).rsqrt()
+    return _moment_offdiag_sq_mean(X * scale[..., :, None] * scale[..., None, :]).sqrt()
+
+
+def _diagonal_share(offdiag_sq_sum: torch.Tensor, variance_error: torch.Tensor) -> torch.Tensor:
+    """||v||^2 / (||C||_F^2 + ||v||^2) from ||C||_F^2 and v (see `auto_kappa`)."""
+    diagonal = variance_error.square().sum(-1)
+    return diagonal / (offdiag_sq_sum + diagonal).clamp_min(1e-30)
+
+
 def decorrelation_loss(z: torch.Tensor, kappa: Union[float, torch.Tensor]) -> torch.Tensor:
     """Loss that the update descends: (1 - kappa) * mean_{i != j} X_ij^2 + kappa * mean_i v_i^2, X = z^T z / n.
 
@@ -132,9 +153,7 @@ def auto_kappa(z: torch.Tensor, variance_error: torch.Tensor) -> torch.Tensor:
         variance_error: v = diag(X) - 1, shape (..., d) (may come from a larger sample than z).
     """
     d = z.shape[-1]
-    offdiag = _offdiag_sq_mean(z) * d * (d - 1)
-    diagonal = variance_error.square().sum(-1)
-    return diagonal / (offdiag + diagonal).clamp_min(1e-30)
+    return _diagonal_share(_offdiag_sq_mean(z) * d * (d - 1), variance_error)
 
 
 def offdiag_correlation(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -163,7 +182,8 @@ def decorrelation_update_(
     The step cap replaces lr by min(lr, max_step / |lambda|_max(G)) (inf: the plain rule, nothing estimated).
     Guards: the update is skipped (R untouched, `applied=False`) when the proposed change is non-finite
     (e.g. a NaN / inf input) or when ||delta R||_F > max_rel_change * ||R||_F (an update that would blow R up).
-    The logged loss and correlation use the first LOG_STAT_ROWS rows of the (random) sample.
+    With n >= d the logged loss and correlation are of the whole sample (from X); with n < d (X not formed) their
+    off-diagonal parts are of its first LOG_STAT_ROWS rows (the variance error v always of the whole sample).
 
     Args:
         R: Decorrelation matrix, shape (d, d), or a batch (..., d, d); updated in place.
@@ -181,39 +201,50 @@ def decorrelation_update_(
     assert inputs.shape[:-2] == R.shape[:-2] and inputs.shape[-1] == R.shape[-1], \
         f'inputs must be (..., n, {R.shape[-1]}) with R\'s batch shape {tuple(R.shape[:-2])}, got {tuple(inputs.shape)}'
     n, d = inputs.shape[-2:]
-    Rf = R.float()
-    z = inputs.float() @ Rf.mT  # z_k = R x_k for every row
-    diag = z.square().mean(-2)  # diag(X)
-    z_log = z[..., :LOG_STAT_ROWS, :]
-    kappa = auto_kappa(z_log, diag - 1) if kappa == 'auto' else diag.new_full(diag.shape[:-1], float(kappa))
-    k = kappa[..., None]
-    if n < d:
-        XR = z.mT @ (z @ Rf) / n  # X R = (1/n) Z^T (Z R), 3 n d^2 flops
+    Rf, x = R.float(), inputs.float()
+    if n >= d:  # X = R S R^T from the input moment S = (1/n) x^T x: n d^2 + 2 d^3 flops, then d x d work only
+        X = Rf @ (x.mT @ x / n) @ Rf.mT
+        diag = X.diagonal(dim1=-2, dim2=-1)
+        offdiag_sq, correlation = _moment_offdiag_sq_mean(X), _moment_correlation(X)
+
+        def times_X(M: torch.Tensor) -> torch.Tensor:
+            return X @ M
+    else:  # X never formed: X M = (1/n) Z^T (Z M), 2 n d k flops for a d x k matrix M
+        z = x @ Rf.mT  # z_k = R x_k for every row
+        diag = z.square().mean(-2)
+        z_log = z[..., :LOG_STAT_ROWS, :]
+        offdiag_sq, correlation = _offdiag_sq_mean(z_log), offdiag_correlation(z_log)
+
+        def times_X(M: torch.Tensor) -> torch.Tensor:
+            return z.mT @ (z @ M) / n
+    if kappa == 'auto':
+        kappa = _diagonal_share(offdiag_sq * d * (d - 1), diag - 1)
     else:
-        XR = (z.mT @ z / n) @ Rf  # n d^2 + d^3 flops
-    # [(1 - kappa) (X - D) + kappa (D - I)] R with D = diag(X); the diagonal terms are row scalings of R
+        kappa = diag.new_full(diag.shape[:-1], float(kappa))
+    k = kappa[..., None]
+    # G = (1 - kappa) (X - D) + kappa (D - I) with D = diag(X): G M = (1 - kappa) X M + row_scale * M
     row_scale = (2 * k - 1) * diag - k
     step_size = diag.new_full(diag.shape[:-1], float(lr))
     if max_step != float('inf'):
-        step_size = torch.minimum(step_size, max_step / _update_matrix_norm(z, 1 - k, row_scale))
-    delta = ((1 - k[..., None]) * XR + row_scale[..., None] * Rf).mul_(step_size[..., None, None])
+        step_size = torch.minimum(step_size, max_step / _largest_eigenvalue(times_X, 1 - k, row_scale, diag.sqrt()))
+    delta = ((1 - k[..., None]) * times_X(Rf) + row_scale[..., None] * Rf).mul_(step_size[..., None, None])
 
     # Guards without a host sync: a rejected update is selected away, not branched around.
     rel_change = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(Rf).clamp_min(1e-30)
     applied = rel_change <= max_rel_change  # False for NaN / inf
     R.sub_(torch.where(applied[..., None, None], delta, 0.0).to(R.dtype))
-    return DecorrelationStep(
-        applied, decorrelation_loss(z_log, kappa), offdiag_correlation(z_log), rel_change, kappa, step_size < lr)
+    loss = (1 - kappa) * offdiag_sq + kappa * (diag - 1).square().mean(-1)
+    return DecorrelationStep(applied, loss, correlation, rel_change, kappa, step_size < lr)
 
 
-def _update_matrix_norm(z: torch.Tensor, offdiag_weight: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    """|lambda|_max of G = (1 - kappa) C + kappa diag(v) by power iteration from the mean |z| (the mean direction
-    that dominates C after a ReLU), without forming G: G u = (1 - kappa) Z^T Z u / n + row_scale u."""
-    u = z.abs().mean(-2)
-    Gu = u
+def _largest_eigenvalue(times_X, offdiag_weight: torch.Tensor, row_scale: torch.Tensor,
+                        start: torch.Tensor) -> torch.Tensor:
+    """|lambda|_max of G = (1 - kappa) C + kappa diag(v) by POWER_ITERATIONS products G u = (1 - kappa) X u +
+    row_scale u, from `start` (the RMS of z: the mean direction that dominates C after a ReLU)."""
+    u, Gu = start, start
     for _ in range(POWER_ITERATIONS):
         u = Gu / torch.linalg.vector_norm(Gu, dim=-1, keepdim=True).clamp_min(1e-30)
-        Gu = torch.addcmul(((z @ u[..., None]).mT @ z).squeeze(-2) * (offdiag_weight / z.shape[-2]), row_scale, u)
+        Gu = torch.addcmul(times_X(u[..., None]).squeeze(-1) * offdiag_weight, row_scale, u)
     return torch.linalg.vector_norm(Gu, dim=-1)
 
 
