@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm_dbp.layers import (
     DecorConv2d, DecorLinear, auto_kappa, decorrelate, decorrelation_loss, decorrelation_update_, fold,
-    grouped_decorrelation_update_, offdiag_correlation, sample_conv_patches,
+    grouped_decorrelation_update_, offdiag_correlation, sample_conv_patches, sample_indices,
 )
 from timm_dbp.layers.decorrelation import LOG_STAT_ROWS
 
@@ -58,6 +58,21 @@ def test_sampled_patches_are_unfold_patches(cfg):
     assert some.shape == (5, ref.shape[1])
     # without replacement: all drawn rows are distinct patches
     assert torch.unique(some, dim=0).shape[0] == 5
+
+
+@pytest.mark.parametrize('total,n', [(400, 10), (40, 10), (7, 10)])  # the O(n) draw (total > 8 n); randperm
+def test_sample_indices_are_distinct_and_uniform(total, n):
+    """Distinct indices, min(n, total) of them; every index equally likely to be drawn, and to come first."""
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_indices(total, n, generator) for _ in range(4000)])
+    k = min(n, total)
+    assert draws.shape == (4000, k) and all(torch.unique(row).numel() == k for row in draws[:200])
+    assert int(draws.min()) >= 0 and int(draws.max()) < total
+    for column in (draws.flatten(), draws[:, 0]):  # every draw, and the first of each (a random order, not sorted)
+        counts = torch.bincount(column, minlength=total).double()
+        expected = column.numel() / total
+        chi2 = ((counts - expected).square() / expected).sum().item()
+        assert abs(chi2 - (total - 1)) < 5 * (2 * (total - 1)) ** 0.5  # chi-square with total - 1 dof: 5 sigma
 
 
 @pytest.mark.parametrize('cfg', CONV_CONFIGS, ids=str)

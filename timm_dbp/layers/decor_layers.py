@@ -38,11 +38,35 @@ from .decorrelation import (
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
-    'DEFAULT_STRUCTURE', 'DEFAULT_VECTORS_PER_PATCH', 'sample_conv_patches', 'sample_pixels', 'sample_rows']
+    'DEFAULT_STRUCTURE', 'DEFAULT_VECTORS_PER_PATCH', 'sample_conv_patches', 'sample_indices', 'sample_pixels',
+    'sample_rows']
 
 DECOR_STRUCTURES = ('full', 'channel', 'kron')
 DEFAULT_STRUCTURE = 'kron'  # of decorrelate() and the dbp_ models: chosen by docs/BENCHMARKS.md, section 12
 DEFAULT_VECTORS_PER_PATCH = 1  # of a kron layer's sample (`decor_vectors_per_patch`): BENCHMARKS section 25
+
+
+def sample_indices(
+        total: int,
+        num_samples: int,
+        generator: Optional[torch.Generator] = None,
+        device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """min(num_samples, total) distinct indices into range(total), uniformly without replacement, in random order.
+
+    A CPU sample of n from total > 8 n (a large conv input) is drawn in O(n) instead of a randperm of `total`: the
+    distinct values of 1.25 n + 8 draws with replacement (redrawn in the rare case of fewer than n), of which a random
+    n in random order. Their set is uniform: its law is invariant under every permutation of range(total). On other
+    devices, and for smaller totals, randperm.
+    """
+    n = min(num_samples, total)
+    device = torch.device('cpu') if device is None else torch.device(device)
+    if device.type == 'cpu' and total > 8 * n:
+        while True:
+            drawn = torch.randint(total, (n + n // 4 + 8,), generator=generator).unique()
+            if drawn.numel() >= n:
+                return drawn[torch.randperm(drawn.numel(), generator=generator)[:n]]
+    return torch.randperm(total, device=device, generator=generator)[:n]
 
 
 def sample_conv_patches(
@@ -88,7 +112,7 @@ def sample_conv_patches(
     per_image = groups * Ho * Wo
     n = min(num_samples, B * per_image)
     dev = x.device
-    idx = torch.randperm(B * per_image, device=dev, generator=generator)[:n]
+    idx = sample_indices(B * per_image, n, generator, dev)
     b, rest = idx // per_image, idx % per_image
     g, pos = rest // (Ho * Wo), rest % (Ho * Wo)
     rows = (pos // Wo)[:, None] * sh + torch.arange(kh, device=dev) * dh - pad_top  # (n, kh), unpadded coords
@@ -123,7 +147,7 @@ def sample_pixels(
     """
     B, C, H, W = x.shape
     n = min(num_samples, B * H * W * groups)
-    idx = torch.randperm(B * H * W * groups, device=x.device, generator=generator)[:n]
+    idx = sample_indices(B * H * W * groups, n, generator, x.device)
     pixel, g = idx // groups, idx % groups
     rows = x.flatten(2)[pixel // (H * W), :, pixel % (H * W)]  # (n, C)
     if groups > 1:
@@ -135,7 +159,7 @@ def sample_rows(x: torch.Tensor, num_samples: int, generator: Optional[torch.Gen
     """Draw rows of x (..., d) uniformly without replacement: shape (min(num_samples, rows), d)."""
     rows = x.reshape(-1, x.shape[-1])
     n = min(num_samples, rows.shape[0])
-    return rows[torch.randperm(rows.shape[0], device=x.device, generator=generator)[:n]]
+    return rows[sample_indices(rows.shape[0], n, generator, x.device)]
 
 
 # id(weight) -> (weakref(weight), weakref(layer)): lets an optimizer, which only sees parameters, find the
