@@ -47,7 +47,7 @@ Structured R for a conv, whose input patch is a (c x s) matrix P (c = channels p
               rule above on the vectors it acts on: R_c on the columns of P R_s^T, R_s on the rows of R_c P
 A structured R costs c^2 (+ s^2) numbers instead of c^2 s^2, and its update c^3 instead of c^3 s^3.
 """
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -237,8 +237,8 @@ def decorrelation_update_(
     return DecorrelationStep(applied, loss, correlation, rel_change, kappa, step_size < lr)
 
 
-def _largest_eigenvalue(times_X, offdiag_weight: torch.Tensor, row_scale: torch.Tensor,
-                        start: torch.Tensor) -> torch.Tensor:
+def _largest_eigenvalue(times_X: Callable[[torch.Tensor], torch.Tensor], offdiag_weight: torch.Tensor,
+                        row_scale: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """|lambda|_max of G = (1 - kappa) C + kappa diag(v) by POWER_ITERATIONS products G u = (1 - kappa) X u +
     row_scale u, from `start` (the RMS of z: the mean direction that dominates C after a ReLU)."""
     u, Gu = start, start
