@@ -31,14 +31,13 @@ whitening error X - I = C + diag(v) that lies on the diagonal:  kappa = ||v||^2 
 So the update weights each part of the error by its size: mostly decorrelation while correlations dominate,
 more variance normalisation when variances drift far from 1.
 
-Cost, from n sampled inputs of dimension d: with n >= d, X = R S R^T from the input moment S = (1/n) x^T x
-(n d^2 + 2 d^3 flops), and everything else (G R, the cap, the logged loss, correlation and auto kappa) from the
-d x d matrix X alone; with n < d, X is never formed: X M = (1/n) Z^T (Z M) (3 n d^2 flops for the update), and
-the off-diagonal statistics (logged loss, correlation, auto kappa) take the Gram matrix of the first LOG_STAT_ROWS
-rows. Both give the same R
-up to float rounding. Every function here also takes a batch of equal-shape problems (R (..., d, d), inputs
-(..., n, d)), and `grouped_decorrelation_update_` updates many layers' R in one batched call per shape: a small
-model's update is bound by the number of tensor operations, not by flops.
+Cost, from n sampled inputs of dimension d: with n >= d, z and X (2 n d^2 flops), then G R (d^3) and everything
+else (the cap, the logged loss, correlation and auto kappa) from the d x d matrix X alone, a few dozen tensor
+operations; with n < d, X is never formed: X M = (1/n) Z^T (Z M) (3 n d^2 flops for the update), and the
+off-diagonal statistics (logged loss, correlation, auto kappa) take the Gram matrix of the first LOG_STAT_ROWS rows.
+Both give the same R up to float rounding. Every function here also takes a batch of equal-shape problems
+(R (..., d, d), inputs (..., n, d)), and `grouped_decorrelation_update_` updates many layers' R in one batched call
+per shape: a small model's update is bound by the number of tensor operations, not by flops.
 
 Structured R for a conv, whose input patch is a (c x s) matrix P (c = channels per group, s = kh * kw):
     full      R is (c s) x (c s): the paper's rule on flattened patches
@@ -201,16 +200,16 @@ def decorrelation_update_(
     assert inputs.shape[:-2] == R.shape[:-2] and inputs.shape[-1] == R.shape[-1], \
         f'inputs must be (..., n, {R.shape[-1]}) with R\'s batch shape {tuple(R.shape[:-2])}, got {tuple(inputs.shape)}'
     n, d = inputs.shape[-2:]
-    Rf, x = R.float(), inputs.float()
-    if n >= d:  # X = R S R^T from the input moment S = (1/n) x^T x: n d^2 + 2 d^3 flops, then d x d work only
-        X = Rf @ (x.mT @ x / n) @ Rf.mT
+    Rf = R.float()
+    z = inputs.float() @ Rf.mT  # z_k = R x_k for every row
+    if n >= d:  # X itself (n d^2 flops); everything else is d x d work
+        X = z.mT @ z / n
         diag = X.diagonal(dim1=-2, dim2=-1)
         offdiag_sq, correlation = _moment_offdiag_sq_mean(X), _moment_correlation(X)
 
         def times_X(M: torch.Tensor) -> torch.Tensor:
             return X @ M
     else:  # X never formed: X M = (1/n) Z^T (Z M), 2 n d k flops for a d x k matrix M
-        z = x @ Rf.mT  # z_k = R x_k for every row
         diag = z.square().mean(-2)
         z_log = z[..., :LOG_STAT_ROWS, :]
         offdiag_sq, correlation = _offdiag_sq_mean(z_log), offdiag_correlation(z_log)
