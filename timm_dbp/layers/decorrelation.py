@@ -111,14 +111,24 @@ def _offdiag_sq_mean(z: torch.Tensor) -> torch.Tensor:
     n, d = z.shape[-2:]
     gram = z @ z.mT if n < d else z.mT @ z
     sq_sum = gram.square().sum((-2, -1)) / (n * n)  # ||X||_F^2 = ||Z Z^T||_F^2 / n^2
-    return (sq_sum - z.square().mean(-2).square().sum(-1)).clamp_min(0) / max(d * (d - 1), 1)
+    return _offdiag_part(sq_sum, z.square().mean(-2))
 
 
 def _moment_offdiag_sq_mean(X: torch.Tensor) -> torch.Tensor:
     """mean_{i != j} X_ij^2 of a second moment X (..., d, d) itself."""
-    d = X.shape[-1]
-    sq_sum = X.square().sum((-2, -1))
-    return (sq_sum - X.diagonal(dim1=-2, dim2=-1).square().sum(-1)).clamp_min(0) / max(d * (d - 1), 1)
+    return _offdiag_part(X.square().sum((-2, -1)), X.diagonal(dim1=-2, dim2=-1))
+
+
+def _offdiag_part(sq_sum: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """mean_{i != j} X_ij^2 from ||X||_F^2 and diag(X) (..., d)."""
+    d = diag.shape[-1]
+    return (sq_sum - diag.square().sum(-1)).clamp_min(0) / max(d * (d - 1), 1)
+
+
+def _weighted_loss(offdiag_sq: torch.Tensor, variance_error: torch.Tensor,
+                   kappa: Union[float, torch.Tensor]) -> torch.Tensor:
+    """(1 - kappa) * mean_{i != j} X_ij^2 + kappa * mean_i v_i^2 (see `decorrelation_loss`)."""
+    return (1 - kappa) * offdiag_sq + kappa * variance_error.square().mean(-1)
 
 
 def _moment_correlation(X: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -140,8 +150,7 @@ def decorrelation_loss(z: torch.Tensor, kappa: Union[float, torch.Tensor]) -> to
         z: Decorrelated inputs, shape (..., n, d).
         kappa: Balance between decorrelation (0) and variance normalisation (1); a number or shape (...,).
     """
-    v = z.square().mean(-2) - 1
-    return (1 - kappa) * _offdiag_sq_mean(z) + kappa * v.square().mean(-1)
+    return _weighted_loss(_offdiag_sq_mean(z), z.square().mean(-2) - 1, kappa)
 
 
 def auto_kappa(z: torch.Tensor, variance_error: torch.Tensor) -> torch.Tensor:
@@ -232,8 +241,8 @@ def decorrelation_update_(
     rel_change = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(Rf).clamp_min(1e-30)
     applied = rel_change <= max_rel_change  # False for NaN / inf
     R.sub_(torch.where(applied[..., None, None], delta, 0.0).to(R.dtype))
-    loss = (1 - kappa) * offdiag_sq + kappa * (diag - 1).square().mean(-1)
-    return DecorrelationStep(applied, loss, correlation, rel_change, kappa, step_size < lr)
+    return DecorrelationStep(
+        applied, _weighted_loss(offdiag_sq, diag - 1, kappa), correlation, rel_change, kappa, step_size < lr)
 
 
 def _largest_eigenvalue(times_X: Callable[[torch.Tensor], torch.Tensor], offdiag_weight: torch.Tensor,
