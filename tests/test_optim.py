@@ -148,9 +148,9 @@ def test_vectors_per_patch_reaches_the_layers_of_its_param_group(monkeypatch):
     import importlib
     module = importlib.import_module('timm_dbp.layers.decor_layers')
     drawn = []
-    sample = module.sample_conv_patches
-    monkeypatch.setattr(module, 'sample_conv_patches', lambda x, conv, n, *a, **k: drawn.append((conv, n)) or sample(
-        x, conv, n, *a, **k))
+    sample = module.sample_kron_factor_inputs
+    monkeypatch.setattr(module, 'sample_kron_factor_inputs', lambda x, conv, R_c, R_s, n, *a, **k: drawn.append(
+        (conv, n)) or sample(x, conv, R_c, R_s, n, *a, **k))
     model = _model()
     kron = [layer for _, layer in decor_layers(model) if layer.decor_spatial.numel()]
     first = {id(p) for p in kron[0].parameters()}

@@ -11,7 +11,7 @@ import timm_dbp
 from timm_dbp.layers import decorrelation
 from timm_dbp.layers import (
     DecorConv2d, decor_layers, decorrelation_update_, fold, fold_state_dict, fused_weight,
-    kron_decorrelation_update_, offdiag_correlation, sample_conv_patches, sample_pixels,
+    kron_decorrelation_update_, offdiag_correlation, sample_conv_patches, sample_kron_factor_inputs, sample_pixels,
 )
 
 CONV_CONFIGS = [
@@ -148,8 +148,9 @@ def test_kron_small_sample_uses_every_position():
 
 def test_kron_layer_stores_factor_vectors_of_its_patches():
     """An armed kron layer draws decor_samples / decor_vectors_per_patch patches and keeps the decor_samples vectors
-    each factor learns from (computed with its current R), not the patches: the same vectors and the same update as
-    from the patches drawn with the same seed."""
+    each factor learns from (computed with its current R), not the patches: the same vectors (up to float rounding:
+    the channel vectors are summed by embedding_bag) and the same update as from the patches drawn with the same
+    seed."""
     torch.manual_seed(0)
     layer = _perturbed(DecorConv2d.from_conv(nn.Conv2d(6, 5, 3, padding=1), decor_structure='kron').double())
     x = torch.randn(4, 6, 20, 20, dtype=torch.double)
@@ -160,12 +161,30 @@ def test_kron_layer_stores_factor_vectors_of_its_patches():
     expected = decorrelation.kron_factor_inputs(layer.decor_matrix, layer.decor_spatial, patches, num_vectors=1000)
     assert isinstance(stored, tuple) and [t.shape for t in stored] == [(1000, 6), (1000, 9)]  # 4 vectors per patch
     for got, want in zip(stored, expected):
-        assert torch.equal(got, want)
+        torch.testing.assert_close(got, want)
     twin = copy.deepcopy(layer)
     assert bool(layer.update_decorrelation(stored, lr=0.05, kappa=0.3))
     assert bool(twin.update_decorrelation(expected, lr=0.05, kappa=0.3))
     for key in ('decor_matrix', 'decor_spatial', 'decor_loss', 'decor_corr'):
-        assert torch.equal(getattr(layer, key), getattr(twin, key)), key
+        torch.testing.assert_close(getattr(layer, key), getattr(twin, key), msg=key)
+
+
+@pytest.mark.parametrize('config', CONV_CONFIGS)
+@pytest.mark.parametrize('num_patches', [37, 300, 10 ** 6])
+def test_sample_kron_factor_inputs_are_those_of_the_sampled_patches(config, num_patches):
+    """The fused sampler (channel vectors by embedding_bag, spatial vectors from the gathered rows) gives
+    kron_factor_inputs of the patches sample_conv_patches draws with the same seed, for every conv geometry
+    (stride, dilation, padding modes, groups) and for one, several or all vectors per patch."""
+    torch.manual_seed(0)
+    layer = _perturbed(DecorConv2d.from_conv(nn.Conv2d(4, 8, **config), decor_structure='kron').double())
+    x = torch.randn(3, 4, 9, 11, dtype=torch.double)
+    got = sample_kron_factor_inputs(
+        x, layer, layer.decor_matrix, layer.decor_spatial, num_patches, 600, torch.Generator().manual_seed(5))
+    patches = sample_conv_patches(x, layer, num_patches, torch.Generator().manual_seed(5), flat=False)
+    want = decorrelation.kron_factor_inputs(layer.decor_matrix, layer.decor_spatial, patches, num_vectors=600)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        torch.testing.assert_close(a, b)
 
 
 def test_kron_layer_with_few_positions_uses_more_vectors_per_patch():

@@ -24,6 +24,7 @@ optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed 
 
 Paper: https://arxiv.org/abs/2405.02385
 """
+import functools
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -34,12 +35,13 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .decorrelation import (
-    DecorrelationStep, combine_kron_steps, fused_weight, grouped_decorrelation_update_, kron_factor_inputs)
+    DecorrelationStep, combine_kron_steps, fused_weight, grouped_decorrelation_update_, kron_factor_inputs,
+    kron_vector_positions)
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
-    'DEFAULT_STRUCTURE', 'DEFAULT_VECTORS_PER_PATCH', 'sample_conv_patches', 'sample_indices', 'sample_pixels',
-    'sample_rows']
+    'DEFAULT_STRUCTURE', 'DEFAULT_VECTORS_PER_PATCH', 'patch_pixel_table', 'sample_conv_patches', 'sample_indices',
+    'sample_kron_factor_inputs', 'sample_pixels', 'sample_rows']
 
 DECOR_STRUCTURES = ('full', 'channel', 'kron')
 DEFAULT_STRUCTURE = 'kron'  # of decorrelate() and the dbp_ models: chosen by docs/BENCHMARKS.md, section 12
@@ -69,6 +71,65 @@ def sample_indices(
     return torch.randperm(total, device=device, generator=generator)[:n]
 
 
+_OUTSIDE = 1 << 40  # patch_pixel_table's entry for a kernel position in the zero padding
+
+
+@functools.lru_cache(maxsize=256)
+def patch_pixel_table(
+        height: int,
+        width: int,
+        kernel_size: Tuple[int, int],
+        stride: Tuple[int, int],
+        dilation: Tuple[int, int],
+        padding: Tuple[int, int, int, int],
+        device: torch.device,
+) -> torch.Tensor:
+    """Where each patch of a conv reads its input: shape (H_out * W_out, kh * kw), entry [p, k] = the index
+    row * W + col into one image's H * W pixels of kernel position k of output position p, or 2^40 when that position
+    lies in the zero padding (left, right, top, bottom). Cached per geometry: sampling then costs a few tensor
+    operations whatever the kernel."""
+    kh, kw = kernel_size
+    pad_left, pad_right, pad_top, pad_bottom = padding
+    Ho = (height + pad_top + pad_bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (width + pad_left + pad_right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    arange = functools.partial(torch.arange, device=device)
+    rows = arange(Ho)[:, None] * stride[0] + arange(kh) * dilation[0] - pad_top  # (Ho, kh), unpadded coordinates
+    cols = arange(Wo)[:, None] * stride[1] + arange(kw) * dilation[1] - pad_left  # (Wo, kw)
+    pixel = rows[:, None, :, None] * width + cols[None, :, None, :]  # (Ho, Wo, kh, kw)
+    inside = ((rows >= 0) & (rows < height))[:, None, :, None] & ((cols >= 0) & (cols < width))[None, :, None, :]
+    return torch.where(inside, pixel, _OUTSIDE).reshape(Ho * Wo, kh * kw)
+
+
+def _draw_patches(
+        x: torch.Tensor,
+        conv: nn.Conv2d,
+        num_samples: int,
+        generator: Optional[torch.Generator],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, padded for a non-zero padding mode; image b, group g, pixel table rows (n, kh * kw)) of
+    min(num_samples, B * groups * H_out * W_out) patches of `conv` drawn uniformly without replacement."""
+    padding = conv._reversed_padding_repeated_twice
+    if conv.padding_mode != 'zeros':
+        x = F.pad(x, padding, mode=conv.padding_mode)
+        padding = (0, 0, 0, 0)
+    B, _, H, W = x.shape
+    table = patch_pixel_table(H, W, conv.kernel_size, conv.stride, conv.dilation, tuple(padding), x.device)
+    per_image = conv.groups * table.shape[0]
+    idx = sample_indices(B * per_image, min(num_samples, B * per_image), generator, x.device)
+    b, rest = idx // per_image, idx % per_image
+    return x, b, rest // table.shape[0], table[rest % table.shape[0]]
+
+
+def _pixel_rows(x: torch.Tensor, b: torch.Tensor, pixel: torch.Tensor, dtype: Optional[torch.dtype] = None):
+    """(x's pixels as rows of C channels with a zero row last, the row of each (image b, table entry pixel)): one
+    copy of x, so that a patch's channel vectors are contiguous rows and padded positions read the zero row."""
+    B, C, H, W = x.shape
+    pixels = torch.empty(B * H * W + 1, C, dtype=dtype or x.dtype, device=x.device)
+    pixels[:-1].view(B, H, W, C).copy_(x.permute(0, 2, 3, 1))
+    pixels[-1].zero_()
+    return pixels, (pixel + (b * (H * W))[:, None]).clamp_max_(B * H * W)
+
+
 def sample_conv_patches(
         x: torch.Tensor,
         conv: nn.Conv2d,
@@ -81,10 +142,10 @@ def sample_conv_patches(
     A patch is indexed by (image, group, output row, output column); its entries are ordered
     (channel, kernel row, kernel column), the same order as `conv.weight[o].flatten()`.
 
-    Cost: the sampled group's channel vectors are gathered for the n * kh * kw sampled pixels; without groups by
-    one `index_select` of pixel rows (C channels each) from one copy of the input with a zero row appended, which
-    the pixels in the zero padding index (other padding modes pad the input first), so the n x d result is written
-    once; `flat=False` skips reordering it to (channel, kernel position) order.
+    Cost: the sampled group's channel vectors are gathered for the n * kh * kw sampled pixels (`patch_pixel_table`);
+    without groups by one `index_select` of pixel rows (C channels each) from one copy of the input with a zero row
+    appended, which the pixels in the zero padding index (other padding modes pad the input first), so the n x d
+    result is written once; `flat=False` skips reordering it to (channel, kernel position) order.
 
     Args:
         x: Conv input, shape (B, C, H, W).
@@ -98,40 +159,48 @@ def sample_conv_patches(
         Patches, shape (n, C / groups * kh * kw) (or (n, C / groups, kh * kw)), n = min(num_samples, B * groups *
         H_out * W_out).
     """
-    kh, kw = conv.kernel_size
-    sh, sw = conv.stride
-    dh, dw = conv.dilation
-    pad_left, pad_right, pad_top, pad_bottom = conv._reversed_padding_repeated_twice
-    if conv.padding_mode != 'zeros':
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        pad_left = pad_right = pad_top = pad_bottom = 0
-    B, C, H, W = x.shape
-    groups = conv.groups
-    Ho = (H + pad_top + pad_bottom - dh * (kh - 1) - 1) // sh + 1
-    Wo = (W + pad_left + pad_right - dw * (kw - 1) - 1) // sw + 1
-    per_image = groups * Ho * Wo
-    n = min(num_samples, B * per_image)
-    dev = x.device
-    idx = sample_indices(B * per_image, n, generator, dev)
-    b, rest = idx // per_image, idx % per_image
-    g, pos = rest // (Ho * Wo), rest % (Ho * Wo)
-    rows = (pos // Wo)[:, None] * sh + torch.arange(kh, device=dev) * dh - pad_top  # (n, kh), unpadded coords
-    cols = (pos % Wo)[:, None] * sw + torch.arange(kw, device=dev) * dw - pad_left  # (n, kw)
-    inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]  # (n, kh, kw)
-    pixel = rows.clamp(0, H - 1)[:, :, None] * W + cols.clamp(0, W - 1)[:, None, :]  # (n, kh, kw) in its image
-    cg = C // groups
-    if groups > 1:  # gather only the sampled group's channels (a depthwise conv has one of C)
-        channel = (g * cg)[:, None, None, None] + torch.arange(cg, device=dev)  # (n, 1, 1, cg)
-        patches = x.flatten(2)[b[:, None, None, None], channel, pixel[..., None]]  # (n, kh, kw, cg)
-        patches.masked_fill_(~inside[..., None], 0)
-    else:  # pixel rows of C channels with a zero row last, which padded pixels index: one fast row gather
-        pixels = x.new_empty(B * H * W + 1, C)
-        pixels[:-1].view(B, H, W, C).copy_(x.permute(0, 2, 3, 1))
-        pixels[-1].zero_()
-        where = torch.where(inside, b[:, None, None] * (H * W) + pixel, B * H * W)
-        patches = pixels.index_select(0, where.reshape(-1)).view(n, kh, kw, C)
-    patches = patches.permute(0, 3, 1, 2)  # (n, channel, kh, kw), a view
-    return patches.reshape(n, cg * kh * kw) if flat else patches.flatten(2)
+    x, b, g, pixel = _draw_patches(x, conv, num_samples, generator)
+    n, s = pixel.shape
+    C, H, W = x.shape[1:]
+    cg = C // conv.groups
+    if conv.groups > 1:  # gather only the sampled group's channels (a depthwise conv has one of C)
+        channel = (g * cg)[:, None, None] + torch.arange(cg, device=x.device)  # (n, 1, cg)
+        patches = x.flatten(2)[b[:, None, None], channel, pixel.clamp_max(H * W - 1)[..., None]]  # (n, s, cg)
+        patches.masked_fill_((pixel >= H * W)[..., None], 0)
+    else:  # one fast row gather
+        pixels, rows = _pixel_rows(x, b, pixel)
+        patches = pixels.index_select(0, rows.reshape(-1)).view(n, s, C)
+    patches = patches.transpose(1, 2)  # (n, channel, kernel position), a view
+    return patches.reshape(n, cg * s) if flat else patches
+
+
+def sample_kron_factor_inputs(
+        x: torch.Tensor,
+        conv: nn.Conv2d,
+        R_channel: torch.Tensor,
+        R_spatial: torch.Tensor,
+        num_patches: int,
+        num_vectors: int,
+        generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`kron_factor_inputs` of `sample_conv_patches(x, conv, num_patches, generator, flat=False)`, the same vectors
+    (up to float rounding) without forming the patches' channel side twice: without groups the channel vectors
+    sum_k R_s[j, k] x[pixel k] are one `embedding_bag` over the copied pixel rows (no n x c x s tensor is written for
+    them); the spatial vectors R_c[i] x[pixel k] read the gathered rows once."""
+    if conv.groups > 1:
+        patches = sample_conv_patches(x, conv, num_patches, generator, flat=False)
+        return kron_factor_inputs(R_channel, R_spatial, patches, num_vectors)
+    x, b, _, pixel = _draw_patches(x, conv, num_patches, generator)
+    n, s = pixel.shape
+    pixels, rows = _pixel_rows(x, b, pixel, torch.float32)
+    positions_s, positions_c = (kron_vector_positions(n, size, num_vectors, x.device)
+                                for size in (s, R_channel.shape[0]))
+    channel_vectors = F.embedding_bag(
+        rows.repeat_interleave(positions_s.shape[1], 0), pixels,
+        per_sample_weights=R_spatial.float()[positions_s.reshape(-1)], mode='sum')
+    patches = pixels.index_select(0, rows.reshape(-1)).view(n, s, -1)
+    spatial_vectors = torch.einsum('nqc,nsc->nqs', R_channel.float()[positions_c], patches)
+    return channel_vectors, spatial_vectors.reshape(-1, s)
 
 
 def sample_pixels(
@@ -290,8 +359,8 @@ class DecorLayer:
                     self.decor_inputs = sample_conv_patches(x.detach(), self, self.decor_samples, generator)
                 else:  # fewer patches, several vectors each; kept as the factors' vectors (s times smaller)
                     num_patches = -(-self.decor_samples // self.decor_vectors_per_patch)
-                    patches = sample_conv_patches(x.detach(), self, num_patches, generator, flat=False)
-                    self.decor_inputs = kron_factor_inputs(self.decor_matrix, spatial, patches, self.decor_samples)
+                    self.decor_inputs = sample_kron_factor_inputs(
+                        x.detach(), self, self.decor_matrix, spatial, num_patches, self.decor_samples, generator)
             else:
                 self.decor_inputs = sample_rows(x.detach(), self.decor_samples, generator)
 

@@ -52,8 +52,8 @@ import torch
 
 __all__ = [
     'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
-    'kron_factor_inputs', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa', 'offdiag_correlation',
-    'fused_weight', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM', 'KRON_MIN_VECTORS']
+    'kron_factor_inputs', 'kron_vector_positions', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa',
+    'offdiag_correlation', 'fused_weight', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM', 'KRON_MIN_VECTORS']
 
 LOG_STAT_ROWS = 256  # rows of a sample (n < d) used for the logged loss / correlation (cost n^2 d)
 POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
@@ -295,8 +295,9 @@ def grouped_decorrelation_update_(
 KRON_MIN_VECTORS = 1024  # vectors a kron factor learns from by default (`kron_factor_inputs`)
 
 
-def _spread(n: int, size: int, num_vectors: int, device: torch.device) -> torch.Tensor:
-    """Indices (n, q) into `size` positions, (k q + j) mod size, q = num_vectors // n (at least 1, at most size)."""
+def kron_vector_positions(n: int, size: int, num_vectors: int, device: torch.device) -> torch.Tensor:
+    """Which of a kron factor's `size` positions (rows of R_c, or of R_s) patch k's vectors use: indices (n, q),
+    (k q + j) mod size, q = num_vectors // n (at least 1, at most size)."""
     q = min(size, max(1, num_vectors // n))
     return (torch.arange(n, device=device)[:, None] * q + torch.arange(q, device=device)) % size
 
@@ -327,8 +328,9 @@ def kron_factor_inputs(
     c, s = R_channel.shape[0], R_spatial.shape[0]
     P = patches.float().reshape(-1, c, s)
     n, num_vectors = P.shape[0], KRON_MIN_VECTORS if num_vectors is None else num_vectors
-    channel_vectors = torch.einsum('ncs,nqs->nqc', P, R_spatial.float()[_spread(n, s, num_vectors, P.device)])
-    spatial_vectors = torch.einsum('nqc,ncs->nqs', R_channel.float()[_spread(n, c, num_vectors, P.device)], P)
+    positions_s, positions_c = (kron_vector_positions(n, size, num_vectors, P.device) for size in (s, c))
+    channel_vectors = torch.einsum('ncs,nqs->nqc', P, R_spatial.float()[positions_s])
+    spatial_vectors = torch.einsum('nqc,ncs->nqs', R_channel.float()[positions_c], P)
     return channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s)
 
 
