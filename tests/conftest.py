@@ -3,10 +3,15 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # train.py / validate.py live at the repository root
+
+if os.environ.get('PYTEST_XDIST_WORKER'):  # one of `pytest -n N`'s workers: one thread each, N share the cores
+    torch.set_num_threads(1)
+    os.environ.setdefault('OMP_NUM_THREADS', '1')  # and so do the train.py / torchrun processes tests start
 
 
 @pytest.fixture(scope='session')
