@@ -183,10 +183,10 @@ def sample_kron_factor_inputs(
         num_vectors: int,
         generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`kron_factor_inputs` of `sample_conv_patches(x, conv, num_patches, generator, flat=False)`, the same vectors
-    (up to float rounding) without forming the patches' channel side twice: without groups the channel vectors
-    sum_k R_s[j, k] x[pixel k] are one `embedding_bag` over the copied pixel rows (no n x c x s tensor is written for
-    them); the spatial vectors R_c[i] x[pixel k] read the gathered rows once."""
+    """`kron_factor_inputs(R_channel, R_spatial, sample_conv_patches(x, conv, num_patches, generator, flat=False),
+    num_vectors)`: the same vectors up to float rounding, with one pass over the patches fewer. Without groups the
+    channel vectors sum_k R_s[j, k] x[pixel k] are one `embedding_bag` over the copied pixel rows (summed while
+    gathering); only the spatial vectors R_c[i] x[pixel k] read the gathered n x s x c patches."""
     if conv.groups > 1:
         patches = sample_conv_patches(x, conv, num_patches, generator, flat=False)
         return kron_factor_inputs(R_channel, R_spatial, patches, num_vectors)
