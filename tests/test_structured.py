@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_dbp
-from timm_dbp.layers import decorrelation
+from timm_dbp.layers import DecorrelationStep, DecorLinear, decorrelation
 from timm_dbp.layers import (
     DecorConv2d, decor_layers, decorrelation_update_, fold, fold_state_dict, fused_weight,
-    kron_decorrelation_update_, offdiag_correlation, sample_conv_patches, sample_kron_factor_inputs, sample_pixels,
+    kron_decorrelation_update_, offdiag_correlation, record_decorrelation, sample_conv_patches,
+    sample_kron_factor_inputs, sample_pixels,
 )
 
 CONV_CONFIGS = [
@@ -324,3 +325,43 @@ def test_one_by_one_conv_applies_R_to_the_smaller_input(groups, monkeypatch):
         A_var = A.detach().requires_grad_()
         dA, = torch.autograd.grad(F.conv2d(x, A_var, plain.bias, stride=2, groups=groups), A_var, g)
         torch.testing.assert_close(grad_w, (dA.reshape(64, -1) @ layer.decor_matrix.T).reshape(plain.weight.shape))
+
+
+def test_record_decorrelation_of_many_layers_counts_and_logs_each_layer():
+    """The batched bookkeeping gives each layer its own counters and statistics: full and kron R's, linears, equal
+    and different shapes, applied, refused and capped steps; a kron R's two steps combined (updated iff both were,
+    losses summed, correlation the RMS over both factors' off-diagonal entries, kappa the mean)."""
+    torch.manual_seed(0)
+    layers = [DecorConv2d.from_conv(nn.Conv2d(4, 3, 3), decor_structure='kron'),
+              DecorConv2d.from_conv(nn.Conv2d(6, 3, 5), decor_structure='kron'),
+              DecorConv2d.from_conv(nn.Conv2d(4, 3, 3), decor_structure='full'),
+              DecorLinear.from_linear(nn.Linear(5, 2)),
+              DecorConv2d.from_conv(nn.Conv2d(4, 3, 3), decor_structure='kron')]
+    dims = [(4, 9), (6, 25), None, None, (4, 9)]
+
+    def random_step():
+        return DecorrelationStep(torch.rand(()) < 0.5, torch.rand(()), torch.rand(()), torch.rand(()), torch.rand(()),
+                                 torch.rand(()) < 0.5)
+
+    for _ in range(6):
+        steps = [[random_step() for _ in range(1 if d is None else 2)] for d in dims]
+        expected = []
+        for layer, layer_steps, d in zip(layers, steps, dims):
+            updates, skipped, capped = int(layer.decor_updates), int(layer.decor_skipped), int(layer.decor_capped)
+            if d is None:
+                (step,) = layer_steps
+                loss, corr, kappa = step.loss, step.correlation, step.kappa
+                applied, was_capped = step.applied, step.capped
+            else:
+                ch, sp = layer_steps
+                pairs_c, pairs_s = d[0] * (d[0] - 1), d[1] * (d[1] - 1)
+                loss, kappa = ch.loss + sp.loss, (ch.kappa + sp.kappa) / 2
+                corr = ((ch.correlation ** 2 * pairs_c + sp.correlation ** 2 * pairs_s) / (pairs_c + pairs_s)).sqrt()
+                applied, was_capped = ch.applied & sp.applied, ch.capped | sp.capped
+            expected.append((updates + int(applied), skipped + int(~applied), capped + int(was_capped & applied),
+                             float(loss), float(corr), float(kappa), bool(applied)))
+        returned = record_decorrelation(layers, steps)
+        for layer, want, got_applied in zip(layers, expected, returned):
+            got = (int(layer.decor_updates), int(layer.decor_skipped), int(layer.decor_capped), float(layer.decor_loss),
+                   float(layer.decor_corr), float(layer.decor_kappa), bool(got_applied))
+            assert got == pytest.approx(want, rel=1e-6)

@@ -40,8 +40,8 @@ from .decorrelation import (
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
-    'DEFAULT_STRUCTURE', 'DEFAULT_VECTORS_PER_PATCH', 'patch_pixel_table', 'sample_conv_patches', 'sample_indices',
-    'sample_kron_factor_inputs', 'sample_pixels', 'sample_rows']
+    'DEFAULT_STRUCTURE', 'DEFAULT_VECTORS_PER_PATCH', 'patch_pixel_table', 'record_decorrelation',
+    'sample_conv_patches', 'sample_indices', 'sample_kron_factor_inputs', 'sample_pixels', 'sample_rows']
 
 DECOR_STRUCTURES = ('full', 'channel', 'kron')
 DEFAULT_STRUCTURE = 'kron'  # of decorrelate() and the dbp_ models: chosen by docs/BENCHMARKS.md, section 12
@@ -258,6 +258,47 @@ def find_decor_layer(param: torch.Tensor) -> Optional['DecorLayer']:
     return layer
 
 
+def _stack_steps(steps: Sequence[DecorrelationStep]) -> DecorrelationStep:
+    return DecorrelationStep(*(torch.stack(field) for field in zip(*steps)))
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_dims(dims: Tuple[Tuple[int, int], ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(c, s) of a list of kron layers as two tensors on `device`, made once (no host-to-device copy per step)."""
+    c, s = torch.tensor(dims, device=device).unbind(1)
+    return c, s
+
+
+@torch.no_grad()
+def record_decorrelation(
+        layers: Sequence['DecorLayer'],
+        steps: Sequence[Sequence[DecorrelationStep]],
+) -> List[torch.Tensor]:
+    """Count and log, for each layer, the steps of its `decorrelation_problems` (one per factor of its R; a kron R's
+    two combined by `combine_kron_steps`) in its counters and statistics buffers; returns whether each R was updated
+    (every factor). Layers are handled together, a few tensor operations per device and factor count whatever the
+    number of layers (per layer, a dozen small operations cost a DBP step of a small model several ms on a CPU)."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, (layer, layer_steps) in enumerate(zip(layers, steps)):
+        groups.setdefault((layer.decor_updates.device, len(layer_steps)), []).append(i)
+    applied: List[Optional[torch.Tensor]] = [None] * len(layers)
+    for (device, factors), members in groups.items():
+        group = [layers[i] for i in members]
+        per_factor = [_stack_steps([steps[i][f] for i in members]) for f in range(factors)]
+        if factors == 1:
+            step = per_factor[0]
+        else:
+            step = combine_kron_steps(*per_factor, *_factor_dims(tuple(l._decor_factor_dims() for l in group), device))
+        for name, value in (('decor_updates', step.applied), ('decor_skipped', ~step.applied),
+                            ('decor_capped', step.capped & step.applied)):
+            torch._foreach_add_([getattr(l, name) for l in group], list(value.long().unbind()))
+        for name, value in (('decor_loss', step.loss), ('decor_corr', step.correlation), ('decor_kappa', step.kappa)):
+            torch._foreach_copy_([getattr(l, name) for l in group], list(value.unbind()))
+        for i, layer_applied in zip(members, step.applied.unbind()):
+            applied[i] = layer_applied
+    return applied
+
+
 class DecorLayer:
     """State and update shared by DecorConv2d and DecorLinear (a mixin).
 
@@ -385,18 +426,10 @@ class DecorLayer:
             inputs = kron_factor_inputs(self.decor_matrix, spatial, inputs)
         return list(zip((self.decor_matrix, spatial), inputs))
 
-    @torch.no_grad()
     def record_decorrelation(self, steps: Sequence[DecorrelationStep]) -> torch.Tensor:
         """Count and log the steps of this layer's `decorrelation_problems` (one per factor); returns whether R was
-        updated (every factor)."""
-        step = steps[0] if len(steps) == 1 else combine_kron_steps(*steps, *self._decor_factor_dims())
-        self.decor_updates.add_(step.applied.long())
-        self.decor_skipped.add_((~step.applied).long())
-        self.decor_capped.add_((step.capped & step.applied).long())
-        self.decor_loss.copy_(step.loss)
-        self.decor_corr.copy_(step.correlation)
-        self.decor_kappa.copy_(step.kappa)
-        return step.applied
+        updated (every factor). `record_decorrelation` does it for many layers at once."""
+        return record_decorrelation([self], [steps])[0]
 
     @torch.no_grad()
     def update_decorrelation(

@@ -334,13 +334,20 @@ def kron_factor_inputs(
     return channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s)
 
 
-def combine_kron_steps(channel: DecorrelationStep, spatial: DecorrelationStep, c: int, s: int) -> DecorrelationStep:
+def combine_kron_steps(
+        channel: DecorrelationStep,
+        spatial: DecorrelationStep,
+        c: Union[int, torch.Tensor],
+        s: Union[int, torch.Tensor],
+) -> DecorrelationStep:
     """One step for R = R_c (x) R_s from its factors' steps: `applied` when both were updated, `loss` the sum of
     the two losses, `correlation` the RMS over both factors' off-diagonal entries (c (c - 1) and s (s - 1) of
-    them), `rel_change` the larger, `kappa` the mean, `capped` when either was capped."""
+    them), `rel_change` the larger, `kappa` the mean, `capped` when either was capped. Steps of a batch of R's take
+    tensors c and s of the batch's shape."""
     pairs_c, pairs_s = c * (c - 1), s * (s - 1)
-    correlation = ((channel.correlation.square() * pairs_c + spatial.correlation.square() * pairs_s)
-                   / max(pairs_c + pairs_s, 1)).sqrt()
+    pairs = pairs_c + pairs_s
+    pairs = pairs.clamp_min(1) if isinstance(pairs, torch.Tensor) else max(pairs, 1)
+    correlation = ((channel.correlation.square() * pairs_c + spatial.correlation.square() * pairs_s) / pairs).sqrt()
     return DecorrelationStep(
         channel.applied & spatial.applied,
         channel.loss + spatial.loss,

@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from timm_dbp.layers import DEFAULT_VECTORS_PER_PATCH, DecorLayer, find_decor_layer, grouped_decorrelation_update_
+from timm_dbp.layers import (
+    DEFAULT_VECTORS_PER_PATCH, DecorLayer, find_decor_layer, grouped_decorrelation_update_, record_decorrelation)
 
 __all__ = ['with_dbp', 'is_dbp_optimizer', 'dbp_optimizer_of', 'NoDecorLayersWarning', 'DBP_DEFAULTS']
 
@@ -191,12 +192,15 @@ class DBPMixin:
             if not group['decor_batch']:
                 settings += (layer,)  # a group of its own
             work.setdefault(settings, []).append((layer, layer.decorrelation_problems(inputs)))
+        updated, their_steps = [], []
         for (lr, kappa, max_change, max_step, *_), layers in work.items():
             steps = iter(grouped_decorrelation_update_(
                 [problem for _, problems in layers for problem in problems], lr=lr, kappa=kappa,
                 max_rel_change=max_change, max_step=max_step))
             for layer, problems in layers:
-                layer.record_decorrelation([next(steps) for _ in problems])
+                updated.append(layer)
+                their_steps.append([next(steps) for _ in problems])
+        record_decorrelation(updated, their_steps)
 
     def step(self, closure=None):
         loss = super().step(closure)
