@@ -1,8 +1,8 @@
 from .convert import decor_layers, decorrelate, exclude_patterns, fill_decor_matrices, fold, fold_state_dict
 from .decor_layers import (
     DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, DEFAULT_VECTORS_PER_PATCH, DecorConv2d, DecorLayer, DecorLinear,
-    find_decor_layer, patch_pixel_table, record_decorrelation, sample_conv_patches, sample_indices, sample_kron_factor_inputs, sample_pixels,
-    sample_rows)
+    find_decor_layer, patch_pixel_table, record_decorrelation, sample_conv_patches, sample_indices,
+    sample_kron_factor_inputs, sample_pixels, sample_rows)
 from .sketched_conv import (
     MaskedReLU, SketchedConv2d, SketchedConvMixin, SketchedDecorConv2d, sketch_convs, sketched_conv2d, sketched_layers)
 from .decorrelation import (

@@ -120,7 +120,9 @@ def _draw_patches(
     return x, b, rest // table.shape[0], table[rest % table.shape[0]]
 
 
-def _pixel_rows(x: torch.Tensor, b: torch.Tensor, pixel: torch.Tensor, dtype: Optional[torch.dtype] = None):
+def _pixel_rows(
+        x: torch.Tensor, b: torch.Tensor, pixel: torch.Tensor, dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x's pixels as rows of C channels with a zero row last, the row of each (image b, table entry pixel)): one
     copy of x, so that a patch's channel vectors are contiguous rows and padded positions read the zero row."""
     B, C, H, W = x.shape
