@@ -46,6 +46,7 @@ Structured R for a conv, whose input patch is a (c x s) matrix P (c = channels p
               rule above on the vectors it acts on: R_c on the columns of P R_s^T, R_s on the rows of R_c P
 A structured R costs c^2 (+ s^2) numbers instead of c^2 s^2, and its update c^3 instead of c^3 s^3.
 """
+import functools
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -295,9 +296,11 @@ def grouped_decorrelation_update_(
 KRON_MIN_VECTORS = 1024  # vectors a kron factor learns from by default (`kron_factor_inputs`)
 
 
+@functools.lru_cache(maxsize=256)
 def kron_vector_positions(n: int, size: int, num_vectors: int, device: torch.device) -> torch.Tensor:
     """Which of a kron factor's `size` positions (rows of R_c, or of R_s) patch k's vectors use: indices (n, q),
-    (k q + j) mod size, q = num_vectors // n (at least 1, at most size)."""
+    (k q + j) mod size, q = num_vectors // n (at least 1, at most size). Cached (a fixed table per shape, read by
+    every armed forward): callers must not modify it."""
     q = min(size, max(1, num_vectors // n))
     return (torch.arange(n, device=device)[:, None] * q + torch.arange(q, device=device)) % size
 
