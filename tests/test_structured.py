@@ -8,11 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_dbp
-from timm_dbp.layers import DecorrelationStep, DecorLinear, decorrelation
 from timm_dbp.layers import (
-    DecorConv2d, decor_layers, decorrelation_update_, fold, fold_state_dict, fused_weight,
-    kron_decorrelation_update_, offdiag_correlation, record_decorrelation, sample_conv_patches,
-    sample_kron_factor_inputs, sample_pixels,
+    DecorConv2d, DecorLinear, DecorrelationStep, decor_layers, decorrelation, decorrelation_update_, fold,
+    fold_state_dict, fused_weight, kron_decorrelation_update_, offdiag_correlation, record_decorrelation,
+    sample_conv_patches, sample_kron_factor_inputs, sample_pixels,
 )
 
 CONV_CONFIGS = [
