@@ -12,9 +12,9 @@ import timm_dbp  # noqa: F401
 from timm_dbp import decor_layers
 
 
-def _state_mib(name: str, **kwargs) -> float:
-    model = timm.create_model(name, device='meta', **kwargs)
-    return sum(layer.decor_state_bytes for _, layer in decor_layers(model)) / 2 ** 20
+def full_r_bytes(layer) -> int:
+    """Bytes of the layer's R with the full structure: one d x d matrix, d = decor_dim, in the weight's dtype."""
+    return layer.decor_dim ** 2 * layer.weight.element_size()
 
 
 def model_table() -> str:
@@ -24,9 +24,11 @@ def model_table() -> str:
     for name in timm.list_models('dbp_*'):
         model = timm.create_model(name, device='meta')
         params = sum(p.numel() for p in model.parameters()) / 1e6
+        layers = [layer for _, layer in decor_layers(model)]
+        kron_mib = sum(layer.decor_state_bytes for layer in layers) / 2 ** 20
+        full_mib = sum(full_r_bytes(layer) for layer in layers) / 2 ** 20
         tags = ', '.join(f'`{tag.split(".", 1)[1]}`' for tag in timm.list_pretrained(f'{name}.*'))
-        lines.append(f'| `{name}` | {params:.1f} | {_state_mib(name):.1f} | '
-                     f'{_state_mib(name, dbp_structure="full"):.1f} | {tags} |')
+        lines.append(f'| `{name}` | {params:.1f} | {kron_mib:.1f} | {full_mib:.1f} | {tags} |')
     return '\n'.join(lines) + '\n'
 
 

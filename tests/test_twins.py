@@ -1,7 +1,8 @@
 """ Every registered dbp_ twin: computes timm's model at R = I from timm's own weights, trains a step with every DBP
-optimizer (dbpmuon: on the twins up to MUON_CI_MAX parameters unless `-m large`), and folds exactly to the plain timm
-model """
+optimizer (in CI: every optimizer on the twins up to EVERY_OPTIMIZER_CI_MAX parameters, dbpmuon up to MUON_CI_MAX, the
+larger twins with ROUTE_OPTIMIZERS; `-m large` steps all), and folds exactly to the plain timm model """
 import copy
+import functools
 
 import pytest
 import timm
@@ -17,6 +18,10 @@ LARGE = 25_000_000  # parameters; larger twins are marked `large` (left out of C
 # timm's muon orthogonalises in bfloat16: on CPUs without bf16 matrix units one dbpmuon step of a 9M-parameter twin
 # takes minutes, so CI steps it on the twins up to this size and `-m large` on all of them
 MUON_CI_MAX = 5_000_000
+# stepping a twin with all the optimizers is what makes this file slow; the optimizers' code is the same for every twin,
+# so CI steps the twins up to this size (resnet18 included) with all of them and the larger ones with ROUTE_OPTIMIZERS
+EVERY_OPTIMIZER_CI_MAX = 12_000_000
+ROUTE_OPTIMIZERS = ['dbpsgd', 'dbpadamw']  # a momentum and an adaptive update of the DBP layers and of the rest
 FIRST_STEP_ONLY_INITIALISES = {'dbpadopt'}  # ADOPT's first step sets its second moment, the weights stay
 DBP_OPTIMIZERS = timm.optim.list_optimizers('dbp*')
 BF16_OPTIMIZERS = ['dbpmuon']
@@ -28,11 +33,16 @@ REQUIRED = [
     'dbp_deit_tiny_patch16_224', 'dbp_deit_small_patch16_224']
 
 
-def _by_size(names, large: int = LARGE):
-    """pytest params, the twins over `large` parameters marked `large`."""
-    def size(name):
-        return sum(p.numel() for p in timm.create_model(name, device='meta').parameters())
-    return [pytest.param(n, marks=pytest.mark.large) if size(n) > large else n for n in names]
+@functools.lru_cache(maxsize=None)
+def _num_params(name: str) -> int:
+    """Parameters of a twin: those of its timm model (R are buffers), built on the meta device once per name."""
+    return sum(p.numel() for p in timm.create_model(name[len('dbp_'):], device='meta').parameters())
+
+
+def _by_size(names, large: int = LARGE, above: int = 0):
+    """pytest params for the twins over `above` parameters, those over `large` marked `large`."""
+    return [pytest.param(n, marks=pytest.mark.large) if _num_params(n) > large else n
+            for n in names if _num_params(n) > above]
 
 
 def _small(name: str) -> dict:
@@ -97,11 +107,18 @@ def _train_a_step_with_each(name: str, optimizers) -> None:
     assert sum(layer.decor_updates.item() for layer in layers) > 0
 
 
-@pytest.mark.parametrize('name', _by_size(DBP_MODELS))
+@pytest.mark.parametrize('name', _by_size(DBP_MODELS, EVERY_OPTIMIZER_CI_MAX))
 def test_twin_trains_a_step_with_every_dbp_optimizer(name):
-    """Every DBP optimizer but the bfloat16 ones (next test) steps every twin: weights and every R updated."""
+    """Every DBP optimizer but the bfloat16 ones (below) steps every twin: weights and every R updated."""
     assert set(BF16_OPTIMIZERS) <= set(DBP_OPTIMIZERS)
     _train_a_step_with_each(name, [o for o in DBP_OPTIMIZERS if o not in BF16_OPTIMIZERS])
+
+
+@pytest.mark.parametrize('name', _by_size(DBP_MODELS, above=EVERY_OPTIMIZER_CI_MAX))
+def test_larger_twin_trains_a_step_with_the_route_optimizers(name):
+    """The twins that CI does not step with every optimizer (previous test) are stepped with ROUTE_OPTIMIZERS."""
+    assert set(ROUTE_OPTIMIZERS) <= set(DBP_OPTIMIZERS)
+    _train_a_step_with_each(name, ROUTE_OPTIMIZERS)
 
 
 @pytest.mark.parametrize('name', _by_size(DBP_MODELS, MUON_CI_MAX))
