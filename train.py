@@ -353,8 +353,10 @@ def _yaml_value_ok(action: argparse.Action, value) -> bool:
 
 
 def _parse_args(argv=None):
-    """Parse the YAML config (if any) into defaults, warn on unknown keys, refuse invalid values, then the CLI."""
+    """Parse the YAML config (if any) into defaults, warn on unknown keys, refuse invalid values, then the CLI. The
+    config's defaults hold for this call only: `run()` called again in the same process starts from train.py's own."""
     args_config, remaining = config_parser.parse_known_args(argv)
+    own_defaults = {}
     if args_config.config:
         try:
             with open(args_config.config, 'r') as f:
@@ -374,8 +376,12 @@ def _parse_args(argv=None):
             if not _yaml_value_ok(actions[dest], value):
                 parser.error(f'config {args_config.config}: invalid value {value!r} for {key!r}')
             known[dest] = value
+        own_defaults = {dest: parser.get_default(dest) for dest in known}
         parser.set_defaults(**known)
-    args = parser.parse_args(remaining)
+    try:
+        args = parser.parse_args(remaining)
+    finally:
+        parser.set_defaults(**own_defaults)
     if args.data and not args.data_dir:
         args.data_dir = args.data
     if args.energy_country is None:  # resolved here so that args.yaml records the country used

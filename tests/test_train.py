@@ -200,6 +200,19 @@ def test_yaml_config_unknown_key_warns_invalid_value_refused(tiny_fmnist, tmp_pa
     assert e.value.code == 2
 
 
+def test_yaml_config_does_not_leak_into_later_calls(tmp_path):
+    """A config's values are that call's defaults only (hub/publish.py compares args with train.py's defaults)."""
+    defaults, _ = train._parse_args([])
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text('model: dbp_test_resnet\nlr: 0.123\nmodel_kwargs: {dbp_structure: full}\n')
+    configured, _ = train._parse_args(['-c', str(cfg), '--lr', '0.5'])
+    assert (configured.model, configured.lr, configured.model_kwargs) == (
+        'dbp_test_resnet', 0.5, {'dbp_structure': 'full'})
+    with pytest.raises(SystemExit):
+        train._parse_args(['-c', str(cfg), '--epochs', 'many'])  # a refused command line restores them too
+    assert vars(train._parse_args([])[0]) == vars(defaults)
+
+
 def run_torchrun(argv, nproc=2):
     """train.py under torchrun with `nproc` CPU processes; asserts that it succeeded, returns stdout + stderr."""
     import subprocess
