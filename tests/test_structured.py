@@ -11,7 +11,7 @@ import timm_dbp
 from timm_dbp.layers import (
     DecorConv2d, DecorLinear, DecorrelationStep, decor_layers, decorrelation, decorrelation_update_, fold,
     fold_state_dict, fused_weight, kron_decorrelation_update_, offdiag_correlation, record_decorrelation,
-    sample_conv_patches, sample_kron_factor_inputs, sample_pixels,
+    sample_conv_patches, sample_kron_factor_inputs, sample_pixels, times_small_matrix,
 )
 
 CONV_CONFIGS = [
@@ -299,6 +299,26 @@ def test_fused_weight_factor_order():
     assert A.is_contiguous()  # a transposed view would reach the conv as a channels-last kernel
     torch.testing.assert_close(fused_weight(W, None, Rs), (W.reshape(5, 3, 4) @ Rs).reshape(W.shape))
     torch.testing.assert_close(fused_weight(W, Rc, None), torch.einsum('cd,ocij->odij', Rc, W))
+
+
+@pytest.mark.parametrize('shape', [(64, 1024, 9), (300, 7, 49), (4, 2, 9)])  # conv path (2), matmul path (1)
+def test_times_small_matrix_is_the_product_and_its_gradient(shape, monkeypatch):
+    """The spatial factor's product (a 1x1 conv on CPU for a large A) gives A @ M and, backwards, grad @ M^T;
+    exactly A at M = I (a fresh layer stays the plain layer); M may not ask for a gradient."""
+    torch.manual_seed(0)
+    A = torch.randn(*shape, requires_grad=True)
+    M, grad = torch.randn(shape[2], shape[2]), torch.randn(*shape)
+    calls = []
+    monkeypatch.setattr(F, 'conv2d', lambda *a, _conv=F.conv2d, **k: calls.append(1) or _conv(*a, **k))
+    out = times_small_matrix(A, M)
+    assert len(calls) == (A.numel() >= decorrelation.SMALL_PRODUCT_CONV_MIN) and out.is_contiguous()
+    torch.testing.assert_close(out, A.detach().double().matmul(M.double()).float())
+    out.backward(grad)
+    torch.testing.assert_close(A.grad, grad.double().matmul(M.double().T).float())
+    assert torch.equal(times_small_matrix(A.detach(), torch.eye(shape[2])), A.detach())
+    if calls:  # the conv path would silently give M no gradient
+        with pytest.raises(RuntimeError, match='must not require grad'):
+            times_small_matrix(A, M.requires_grad_())
 
 
 @pytest.mark.parametrize('groups', [1, 2])
