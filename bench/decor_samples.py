@@ -36,10 +36,11 @@ parser.add_argument('--repeats', type=int, default=5)
 parser.add_argument('--out', default=None, help='write results (and this script) as JSON')
 
 
-def delta_R(R: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """The update direction [(1 - kappa) C + kappa diag(v)] R (lr = 1, kappa = 0), guards off."""
+def delta_R(R: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The update direction [(1 - kappa) C + kappa diag(v)] R (lr = 1, kappa = 0), guards off, from a sample of
+    decorrelated inputs z = R x (as a layer keeps them)."""
     after = R.clone()
-    decorrelation_update_(after, inputs, lr=1.0, kappa=0.0, max_rel_change=float('inf'))
+    decorrelation_update_(after, z, lr=1.0, kappa=0.0, max_rel_change=float('inf'), decorrelated=True)
     return R - after
 
 

@@ -122,10 +122,10 @@ def test_linear_on_tokens_is_linear_with_WR_and_samples_token_rows(shape):
     torch.testing.assert_close(grad_w, g.reshape(-1, 3).T @ z.reshape(-1, 7))
     layer.decor_samples = 10 ** 6
     layer(x)
-    rows = layer.take_decor_inputs()
-    assert rows.shape == (x[..., 0].numel(), 7)
+    rows = layer.take_decor_inputs()  # z = R x of every input row, in random order
+    assert rows.shape == (x[..., 0].numel(), 7) and rows.dtype == torch.float32
     key = lambda t: t[torch.argsort(t @ torch.linspace(1, 2, 7, dtype=t.dtype))]
-    torch.testing.assert_close(key(rows), key(x.reshape(-1, 7)))
+    torch.testing.assert_close(key(rows), key(z.reshape(-1, 7).float()))
     torch.testing.assert_close(fold(layer)(x), layer(x))
 
 

@@ -102,10 +102,10 @@ def test_channel_update_is_the_rule_on_pixel_vectors():
     layer.decor_samples = 10 ** 6
     x = torch.randn(2, 5, 6, 6, dtype=torch.double)
     layer(x)
-    inputs = layer.take_decor_inputs()
+    inputs = layer.take_decor_inputs()  # z = R_c x of every pixel vector, in random order
     assert inputs.shape == (72, 5)
     expected = layer.decor_matrix.clone()
-    decorrelation_update_(expected, inputs, lr=0.1, kappa=0.3)
+    decorrelation_update_(expected, x.permute(0, 2, 3, 1).reshape(72, 5), lr=0.1, kappa=0.3)
     layer.update_decorrelation(inputs, lr=0.1, kappa=0.3)
     torch.testing.assert_close(layer.decor_matrix, expected)
 
@@ -169,22 +169,62 @@ def test_kron_layer_stores_factor_vectors_of_its_patches():
         torch.testing.assert_close(getattr(layer, key), getattr(twin, key), msg=key)
 
 
+def _kron_z_columns_and_rows(Rc, Rs, P, num_vectors):
+    """From the definition: z_k = R_c P_k R_s^T; column (k q + j) mod s and row (k q + j) mod c of each, j < q."""
+    n, c, s = P.shape
+    z = Rc @ P @ Rs.T
+    columns, rows = [], []
+    for size, out, pick in ((s, columns, lambda k, i: z[k][:, i]), (c, rows, lambda k, i: z[k][i, :])):
+        q = min(size, max(1, num_vectors // n))
+        out.extend(pick(k, (k * q + j) % size) for k in range(n) for j in range(q))
+    return torch.stack(columns), torch.stack(rows)
+
+
+@pytest.mark.parametrize('channel_mixed', [False, True], ids=['x', 'Rc_x'])
 @pytest.mark.parametrize('config', CONV_CONFIGS)
 @pytest.mark.parametrize('num_patches', [37, 300, 10 ** 6])
-def test_sample_kron_factor_inputs_are_those_of_the_sampled_patches(config, num_patches):
-    """The fused sampler (channel vectors by embedding_bag, spatial vectors from the gathered rows) gives
-    kron_factor_inputs of the patches sample_conv_patches draws with the same seed, for every conv geometry
-    (stride, dilation, padding modes, groups) and for one, several or all vectors per patch."""
+def test_sample_kron_factor_inputs_are_those_of_the_sampled_patches(config, num_patches, channel_mixed):
+    """The fused sampler (channel vectors by embedding_bag, spatial vectors from the gathered rows) gives the
+    columns and rows of z = R_c P R_s^T of the patches sample_conv_patches draws with the same seed (kron_factor_inputs
+    as well), for every conv geometry (stride, dilation, padding modes, groups), for one, several or all vectors per
+    patch, and whether it reads x or the input-side product R_c x (channel_mixed: R_c not applied again)."""
     torch.manual_seed(0)
     layer = _perturbed(DecorConv2d.from_conv(nn.Conv2d(4, 8, **config), decor_structure='kron').double())
+    Rc, Rs = layer.decor_matrix, layer.decor_spatial
     x = torch.randn(3, 4, 9, 11, dtype=torch.double)
-    got = sample_kron_factor_inputs(
-        x, layer, layer.decor_matrix, layer.decor_spatial, num_patches, 600, torch.Generator().manual_seed(5))
+    read = F.conv2d(x, Rc.repeat(layer.groups, 1)[:, :, None, None], groups=layer.groups) if channel_mixed else x
+    got = sample_kron_factor_inputs(read, layer, Rc, Rs, num_patches, 600, torch.Generator().manual_seed(5),
+                                    channel_mixed)
     patches = sample_conv_patches(x, layer, num_patches, torch.Generator().manual_seed(5), flat=False)
-    want = decorrelation.kron_factor_inputs(layer.decor_matrix, layer.decor_spatial, patches, num_vectors=600)
-    for a, b in zip(got, want):
+    want = _kron_z_columns_and_rows(Rc, Rs, patches, 600)
+    for a, b, c in zip(got, want, decorrelation.kron_factor_inputs(Rc, Rs, patches, num_vectors=600)):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        torch.testing.assert_close(a, b.float())
+        torch.testing.assert_close(c, b.float())
+
+
+@pytest.mark.parametrize('structure,kernel_size,groups', [
+    ('kron', 3, 1), ('kron', 3, 2), ('channel', 3, 1), ('channel', 3, 2), ('full', 1, 1), ('full', 1, 2)])
+def test_sample_is_the_same_z_on_either_path(structure, kernel_size, groups, monkeypatch):
+    """An armed layer keeps z = R x whether R_c is applied to the input (the sample is then drawn from R_c x) or
+    fused into W (the sample is drawn from x and R applied to it): the same vectors for the same seed."""
+    torch.manual_seed(0)
+    layer = _perturbed(DecorConv2d.from_conv(
+        nn.Conv2d(4, 8, kernel_size, padding=kernel_size // 2, groups=groups), decor_structure=structure).double())
+    x = torch.randn(3, 4, 9, 11, dtype=torch.double)
+    samples = []
+    for on_input in (False, True):
+        monkeypatch.setattr(DecorConv2d, 'channel_factor_on_input', lambda self, x, _on=on_input: _on)
+        layer.decor_samples, layer.decor_seed = 200, 3
+        layer(x)
+        samples.append(layer.take_decor_inputs())
+    for a, b in zip(*(s if isinstance(s, tuple) else (s,) for s in samples)):
         assert a.dtype == torch.float32 and a.shape == b.shape
         torch.testing.assert_close(a, b)
+    if structure != 'kron':  # the rows are R applied to the drawn patches / pixels
+        gen = torch.Generator().manual_seed(3)
+        drawn = (sample_pixels(x, groups, 200, gen) if structure == 'channel' else sample_conv_patches(x, layer, 200, gen))
+        torch.testing.assert_close(samples[0], (drawn @ layer.decor_matrix.T).float())
 
 
 def test_kron_layer_with_few_positions_uses_more_vectors_per_patch():

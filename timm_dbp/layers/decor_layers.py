@@ -15,12 +15,14 @@ against C_out c^2 s) and gives the same output. Either way the gradient for W eq
 input z = R x.
 
 R is never trained by autograd. A DBP optimizer arms a layer (`decor_samples > 0`) for the forward of
-a step that updates R; that forward then stores a random sample of its inputs (patches or rows, drawn
-without replacement), overwriting any earlier one, so a gradient-checkpoint re-run is harmless. A kron layer
-draws decor_samples / decor_vectors_per_patch patches and stores, instead of them, the decor_samples vectors each of
-its factors learns from (`kron_factor_inputs`, computed with the R of that forward, which is the R the update sees):
-decor_samples (c + s) numbers held until the optimizer step (and all-gathered under DDP), not c s per patch. The
-optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed forwards cost nothing.
+a step that updates R; that forward then stores a random sample of its decorrelated inputs z = R x (of patches or
+rows drawn without replacement, computed with the R of that forward, which is the R the update sees), overwriting
+any earlier one, so a gradient-checkpoint re-run is harmless. Where R_c is applied to the input, the sample is drawn
+from that product's output (R_c x is not computed twice). A kron layer draws decor_samples /
+decor_vectors_per_patch patches and stores the decor_samples vectors each of its factors learns from
+(`kron_factor_inputs`): decor_samples (c + s) numbers held until the optimizer step (and all-gathered under DDP),
+not c s per patch. The optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed forwards cost
+nothing.
 
 Paper: https://arxiv.org/abs/2405.02385
 """
@@ -184,25 +186,32 @@ def sample_kron_factor_inputs(
         num_patches: int,
         num_vectors: int,
         generator: Optional[torch.Generator] = None,
+        channel_mixed: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """`kron_factor_inputs(R_channel, R_spatial, sample_conv_patches(x, conv, num_patches, generator, flat=False),
-    num_vectors)`: the same vectors up to float rounding, with one pass over the patches fewer. Without groups the
-    channel vectors sum_k R_s[j, k] x[pixel k] are one `embedding_bag` over the copied pixel rows (summed while
-    gathering); only the spatial vectors R_c[i] x[pixel k] read the gathered n x s x c patches."""
+    num_vectors, channel_mixed)`: the same vectors up to float rounding, with one pass over the patches fewer.
+    Without groups the vectors sum_k R_s[j, k] x[pixel k] are one `embedding_bag` over the copied pixel rows (summed
+    while gathering); the rows R_c[i] x[pixel k] read the gathered n x s x c patches, or, when x is R_c x already
+    (channel_mixed), are gathered as they are (n x s x q numbers)."""
     if conv.groups > 1:
         patches = sample_conv_patches(x, conv, num_patches, generator, flat=False)
-        return kron_factor_inputs(R_channel, R_spatial, patches, num_vectors)
+        return kron_factor_inputs(R_channel, R_spatial, patches, num_vectors, channel_mixed)
     x, b, _, pixel = _draw_patches(x, conv, num_patches, generator)
     n, s = pixel.shape
     pixels, rows = _pixel_rows(x, b, pixel, torch.float32)
     positions_s, positions_c = (kron_vector_positions(n, size, num_vectors, x.device)
                                 for size in (s, R_channel.shape[0]))
-    channel_vectors = F.embedding_bag(
+    R_c, R_s = R_channel.float(), R_spatial.float()
+    channel_vectors = F.embedding_bag(  # columns of P R_s^T
         rows.repeat_interleave(positions_s.shape[1], 0), pixels,
-        per_sample_weights=R_spatial.float()[positions_s.reshape(-1)], mode='sum')
-    patches = pixels.index_select(0, rows.reshape(-1)).view(n, s, -1)
-    spatial_vectors = torch.einsum('nqc,nsc->nqs', R_channel.float()[positions_c], patches)
-    return channel_vectors, spatial_vectors.reshape(-1, s)
+        per_sample_weights=R_s[positions_s.reshape(-1)], mode='sum')
+    if channel_mixed:  # rows of R_c P as drawn: pixels[row of kernel position k, channel i]
+        spatial_vectors = pixels[rows[:, None, :], positions_c[:, :, None]]
+    else:
+        channel_vectors = channel_vectors @ R_c.mT
+        patches = pixels.index_select(0, rows.reshape(-1)).view(n, s, -1)
+        spatial_vectors = torch.einsum('nqc,nsc->nqs', R_c[positions_c], patches)
+    return channel_vectors, spatial_vectors.reshape(-1, s) @ R_s.mT
 
 
 def sample_pixels(
@@ -387,29 +396,33 @@ class DecorLayer:
         return fused_weight(self.weight, self.decor_matrix, self._spatial_factor())
 
     @torch.jit.ignore
-    def _store_decor_inputs(self, x: torch.Tensor) -> None:
+    def _store_decor_inputs(self, x: torch.Tensor, channel_mixed: bool) -> None:
+        """Keep a sample of z = R x from the layer input x, or from x = R_c x_in when channel_mixed (the output of
+        the input-side R_c, whose R is then not applied again)."""
         # NOTE under TorchScript this runs on the script wrapper: scripted models are for inference
         generator = None
         if self.decor_seed >= 0:  # own stream: sampling never shifts the training RNG (data order, dropout)
             generator = torch.Generator(device=x.device)
             generator.manual_seed(self.decor_seed)
-        with torch.no_grad():
+        x, R = x.detach(), self.decor_matrix.float()
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # z in float32, also under AMP
             if self.decor_structure == 'channel':  # a conv whose R_c acts on pixel vectors
-                self.decor_inputs = sample_pixels(x.detach(), self.groups, self.decor_samples, generator)
+                z = sample_pixels(x, self.groups, self.decor_samples, generator).float()
             elif hasattr(self, 'kernel_size'):  # a conv (also seen through a TorchScript wrapper)
                 spatial = self._spatial_factor()
-                if spatial is None:
-                    self.decor_inputs = sample_conv_patches(x.detach(), self, self.decor_samples, generator)
-                else:  # fewer patches, several vectors each; kept as the factors' vectors (s times smaller)
+                if spatial is not None:  # fewer patches, several vectors each; kept as the factors' vectors
                     num_patches = -(-self.decor_samples // self.decor_vectors_per_patch)
                     self.decor_inputs = sample_kron_factor_inputs(
-                        x.detach(), self, self.decor_matrix, spatial, num_patches, self.decor_samples, generator)
+                        x, self, self.decor_matrix, spatial, num_patches, self.decor_samples, generator, channel_mixed)
+                    return
+                z = sample_conv_patches(x, self, self.decor_samples, generator).float()
             else:
-                self.decor_inputs = sample_rows(x.detach(), self.decor_samples, generator)
+                z = sample_rows(x, self.decor_samples, generator).float()
+            self.decor_inputs = z if channel_mixed else z @ R.mT
 
     def take_decor_inputs(self) -> Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]:
-        """Return and clear the sample stored by the last armed training forward: (n, d) inputs x, whose rows are
-        conv patches (full), pixel channel vectors (channel) or linear inputs; for a kron R the pair
+        """Return and clear the sample stored by the last armed training forward: (n, d) decorrelated inputs z = R x,
+        float32, of conv patches (full), pixel channel vectors (channel) or linear inputs; for a kron R the pair
         (channel vectors, spatial vectors) of `kron_factor_inputs` of the sampled patches."""
         inputs, self.decor_inputs = self.decor_inputs, None
         return inputs
@@ -418,9 +431,9 @@ class DecorLayer:
             self,
             inputs: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """(R or one of its factors, the vectors it learns from) for each factor of R, from a sample (see
-        `take_decor_inputs`): [(R, inputs)]; for a kron R its factors with their vectors, given as the stored pair or
-        computed here (`kron_factor_inputs`) from (n, c * s) / (n, c, s) patches."""
+        """(R or one of its factors, the decorrelated vectors z it learns from) for each factor of R, from a sample
+        (see `take_decor_inputs`): [(R, z)]; for a kron R its factors with their vectors, given as the stored pair or
+        computed here (`kron_factor_inputs`) from (n, c * s) / (n, c, s) patches P of x."""
         spatial = self._spatial_factor()
         if spatial is None:
             return [(self.decor_matrix, inputs)]
@@ -442,14 +455,14 @@ class DecorLayer:
             max_rel_change: float = 1.0,
             max_step: float = float('inf'),
     ) -> torch.Tensor:
-        """Apply one DBP step to R from sampled inputs (see `take_decor_inputs`); returns whether it was applied.
+        """Apply one DBP step to R from a sample of z (see `take_decor_inputs`); returns whether it was applied.
 
         See `timm_dbp.layers.decorrelation` for the rule (`decorrelation_update_`, and
         `kron_decorrelation_update_` for a kron R) and its guards. A DBP optimizer updates all its layers at once
         instead (`decorrelation_problems`, `grouped_decorrelation_update_`, `record_decorrelation`).
         """
-        steps = grouped_decorrelation_update_(
-            self.decorrelation_problems(inputs), lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step)
+        steps = grouped_decorrelation_update_(self.decorrelation_problems(inputs), lr=lr, kappa=kappa,
+                                              max_rel_change=max_rel_change, max_step=max_step, decorrelated=True)
         return self.record_decorrelation(steps)
 
 
@@ -471,14 +484,17 @@ class DecorConv2d(DecorLayer, nn.Conv2d):
         return self.decor_matrix.shape[0] == self.weight.shape[1] and x.numel() < self.weight.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.decor_samples > 0:
-            self._store_decor_inputs(x)
+        armed = self.training and self.decor_samples > 0
         if self.channel_factor_on_input(x):  # R_c on the input, the spatial factor (if any) fused into W
             channel_kernel = self.decor_matrix.repeat(self.groups, 1)[:, :, None, None].to(x.dtype)
             x = F.conv2d(x, channel_kernel, groups=self.groups)
+            if armed:
+                self._store_decor_inputs(x, True)
             spatial = self._spatial_factor()
             return self._conv_forward(x, self.weight if spatial is None else fused_weight(self.weight, None, spatial),
                                       self.bias)
+        if armed:
+            self._store_decor_inputs(x, False)  # (TorchScript passes no defaults to ignored methods)
         return self._conv_forward(x, self.decorrelated_weight(), self.bias)
 
     @classmethod
@@ -503,7 +519,7 @@ class DecorLinear(DecorLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.decor_samples > 0:
-            self._store_decor_inputs(x)
+            self._store_decor_inputs(x, False)  # (TorchScript passes no defaults to ignored methods)
         weight = self.decorrelated_weight()
         if self.weight.requires_grad and not weight.requires_grad:  # under no_grad: see below
             # torch's linear on a non-contiguous (B, N, C) input picks its matmul kernel by whether the weight

@@ -6,9 +6,10 @@ https://arxiv.org/abs/2405.02385
 
 A decorrelated layer with input x (dimension d) computes z = R x and y = W z. R (d x d) starts as the
 identity and is learned by the local rule below, never by backprop. The layers fuse the product
-(A = W R, one ordinary conv / linear), so only the update of R needs the decorrelated inputs z.
+(A = W R, one ordinary conv / linear), so only the update of R needs the decorrelated inputs z: an armed forward
+keeps a sample of z (taken from R x where the layer computes it anyway, see `timm_dbp.layers.decor_layers`).
 
-Update, from n sampled inputs x_1..x_n (rows of `inputs`), z_k = R x_k:
+Update, from n sampled inputs x_1..x_n (rows of `inputs`), z_k = R x_k (or from the z_k themselves):
 
     X = (1/n) sum_k z_k z_k^T            uncentred second moment, d x d
     C = X - diag(diag(X))                off-diagonal part (decorrelation)
@@ -229,6 +230,7 @@ def decorrelation_update_(
         kappa: Union[float, str],
         max_rel_change: float = 1.0,
         max_step: float = float('inf'),
+        decorrelated: bool = False,
 ) -> DecorrelationStep:
     """One DBP step on R in place: R <- R - lr * [(1 - kappa) C + kappa diag(v)] R (see module docstring).
 
@@ -240,7 +242,8 @@ def decorrelation_update_(
 
     Args:
         R: Decorrelation matrix, shape (d, d), or a batch (..., d, d); updated in place.
-        inputs: Sampled layer inputs x (not yet decorrelated), shape (n, d) (a batch: (..., n, d)), n >= 1.
+        inputs: Sampled layer inputs x, shape (n, d) (a batch: (..., n, d)), n >= 1; with decorrelated=True their
+            z = R x (computed with this R) instead, which saves the n d^2 product.
         lr: Decorrelation learning rate (>= 0).
         kappa: 0 = decorrelate only, 1 = variance normalisation only, 'auto' = `auto_kappa` of this sample.
         max_rel_change: Largest accepted relative change of R per update.
@@ -255,7 +258,7 @@ def decorrelation_update_(
         f'inputs must be (..., n, {R.shape[-1]}) with R\'s batch shape {tuple(R.shape[:-2])}, got {tuple(inputs.shape)}'
     n, d = inputs.shape[-2:]
     Rf = R.float()
-    z = inputs.float() @ Rf.mT  # z_k = R x_k for every row
+    z = inputs.float() if decorrelated else inputs.float() @ Rf.mT  # z_k = R x_k for every row
     if n >= d:  # X itself (n d^2 flops); everything else is d x d work
         X = z.mT @ z / n
         diag = X.diagonal(dim1=-2, dim2=-1)
@@ -309,6 +312,7 @@ def grouped_decorrelation_update_(
         kappa: Union[float, str],
         max_rel_change: float = 1.0,
         max_step: float = float('inf'),
+        decorrelated: bool = False,
 ) -> List[DecorrelationStep]:
     """`decorrelation_update_` on every (R, inputs) pair, one batched call per group of equal shapes and dtypes.
 
@@ -316,7 +320,9 @@ def grouped_decorrelation_update_(
     group are stacked, updated as a batch and copied back into their R. Only R's of at most BATCH_MAX_DIM rows are
     batched: batching saves per-operation overhead, which only small problems feel, and stacking large ones costs
     memory (full R of resnet18: 1 GiB more peak training memory); larger R's are updated one by one.
+    decorrelated=True: every pair's inputs are its z = R x (see `decorrelation_update_`).
     """
+    rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step, decorrelated=decorrelated)
     groups: Dict[tuple, List[int]] = {}
     for i, (R, inputs) in enumerate(problems):
         groups.setdefault((R.shape, R.dtype, R.device, inputs.shape, inputs.dtype), []).append(i)
@@ -325,12 +331,10 @@ def grouped_decorrelation_update_(
         Rs = [problems[i][0] for i in members]
         if len(members) == 1 or Rs[0].shape[-1] > BATCH_MAX_DIM:
             for i in members:
-                steps[i] = decorrelation_update_(*problems[i], lr=lr, kappa=kappa, max_rel_change=max_rel_change,
-                                                 max_step=max_step)
+                steps[i] = decorrelation_update_(*problems[i], **rule)
             continue
         batch = torch.stack(Rs)
-        step = decorrelation_update_(batch, torch.stack([problems[i][1] for i in members]), lr=lr, kappa=kappa,
-                                     max_rel_change=max_rel_change, max_step=max_step)
+        step = decorrelation_update_(batch, torch.stack([problems[i][1] for i in members]), **rule)
         torch._foreach_copy_(Rs, list(batch.unbind(0)))
         for j, i in enumerate(members):
             steps[i] = DecorrelationStep(*(field[j] for field in step))
@@ -354,12 +358,14 @@ def kron_factor_inputs(
         R_spatial: torch.Tensor,
         patches: torch.Tensor,
         num_vectors: Optional[int] = None,
+        channel_mixed: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The vectors each factor of R = R_c (x) R_s learns from, for the current factors (see the module docstring).
+    """The decorrelated vectors each factor of R = R_c (x) R_s learns from, for the current factors: parts of
+    z_k = R_c P_k R_s^T (see the module docstring), ready for `decorrelation_update_(..., decorrelated=True)`.
 
     Per sampled patch P_k (c x s), q = num_vectors // n vectors each (at least 1, so a large sample costs a factor's
-    update n c^2, not n s c^2; at most all of them): for R_c the columns (k q + j) mod s of P_k R_s^T, for R_s the
-    rows (k q + j) mod c of R_c P_k, j < q. num_vectors defaults to KRON_MIN_VECTORS. A kron layer draws
+    update n c^2, not n s c^2; at most all of them): for R_c the columns (k q + j) mod s of z_k (R_c applied to the
+    columns of P_k R_s^T), for R_s the rows (k q + j) mod c of z_k (R_s applied to the rows of R_c P_k), j < q. num_vectors defaults to KRON_MIN_VECTORS. A kron layer draws
     n = decor_samples / decor_vectors_per_patch patches and asks for decor_samples vectors: gathering the patches
     is the costly part of sampling (1 by default: BENCHMARKS section 25 found no measurable time gain for 2 or 4 on
     a 2-core CPU, and lower accuracy on wide twins).
@@ -367,7 +373,8 @@ def kron_factor_inputs(
     Args:
         R_channel: Channel factor, shape (c, c).
         R_spatial: Spatial factor, shape (s, s).
-        patches: Sampled conv patches P (not yet decorrelated), shape (n, c * s) or (n, c, s).
+        patches: Sampled conv patches P, shape (n, c * s) or (n, c, s).
+        channel_mixed: The patches are R_c P already (drawn from the output of an input-side R_c): R_c is not applied.
 
     Returns:
         (channel vectors (n q, c), spatial vectors (n q', s)), float32.
@@ -376,9 +383,14 @@ def kron_factor_inputs(
     P = patches.float().reshape(-1, c, s)
     n, num_vectors = P.shape[0], KRON_MIN_VECTORS if num_vectors is None else num_vectors
     positions_s, positions_c = (kron_vector_positions(n, size, num_vectors, P.device) for size in (s, c))
-    channel_vectors = torch.einsum('ncs,nqs->nqc', P, R_spatial.float()[positions_s])
-    spatial_vectors = torch.einsum('nqc,ncs->nqs', R_channel.float()[positions_c], P)
-    return channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s)
+    R_c, R_s = R_channel.float(), R_spatial.float()
+    channel_vectors = torch.einsum('ncs,nqs->nqc', P, R_s[positions_s])  # columns of P R_s^T
+    if channel_mixed:
+        spatial_vectors = P.gather(1, positions_c[:, :, None].expand(-1, -1, s))  # rows of R_c P, as drawn
+    else:
+        channel_vectors = channel_vectors @ R_c.mT
+        spatial_vectors = torch.einsum('nqc,ncs->nqs', R_c[positions_c], P)
+    return channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s) @ R_s.mT
 
 
 def combine_kron_steps(
@@ -428,7 +440,7 @@ def kron_decorrelation_update_(
         lr, kappa, max_rel_change, max_step: As for `decorrelation_update_`.
     """
     channel_vectors, spatial_vectors = kron_factor_inputs(R_channel, R_spatial, patches)
-    rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step)
+    rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step, decorrelated=True)
     return combine_kron_steps(
         decorrelation_update_(R_channel, channel_vectors, **rule),
         decorrelation_update_(R_spatial, spatial_vectors, **rule),

@@ -196,7 +196,7 @@ class DBPMixin:
         for (lr, kappa, max_change, max_step, *_), layers in work.items():
             steps = iter(grouped_decorrelation_update_(
                 [problem for _, problems in layers for problem in problems], lr=lr, kappa=kappa,
-                max_rel_change=max_change, max_step=max_step))
+                max_rel_change=max_change, max_step=max_step, decorrelated=True))
             for layer, problems in layers:
                 updated.append(layer)
                 their_steps.append([next(steps) for _ in problems])
