@@ -160,3 +160,10 @@ def test_decor_stability_smoke(tmp_path):
     assert uncapped['epochs'][-1]['skipped'] > 0 == uncapped['epochs'][-1]['updates']
     assert capped['epochs'][-1]['capped'] == capped['epochs'][-1]['updates'] > 0 == capped['epochs'][-1]['skipped']
     assert (tmp_path / 'st.png').exists() and 'refused / capped / updates' in out
+
+
+def test_small_product_smoke(tmp_path):
+    out = _run('small_product.py', '--model', 'test_resnet', '--repeats', '1', '--out', str(tmp_path / 'p'))
+    rows = json.loads((tmp_path / 'p.json').read_text())['rows']
+    assert rows and all(row['fwd_speedup'] > 0 and row['fwd_bwd_speedup'] > 0 for row in rows)
+    assert all(row['weight'][2] > 1 for row in rows) and 'fwd+bwd' in out  # kron layers only

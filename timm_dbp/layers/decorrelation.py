@@ -109,7 +109,7 @@ def fused_weight(
     return A if A.shape == weight.shape else A.reshape(weight.shape)  # no needless view of A (see DecorLinear)
 
 
-SMALL_PRODUCT_CONV_MIN = 1 << 16  # `times_small_matrix` uses a 1x1 conv on CPU from this many elements of A
+SMALL_PRODUCT_CONV_MIN = 1 << 18  # `times_small_matrix` uses a 1x1 conv on CPU from this many elements of A
 
 
 def _conv_times(A: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -142,9 +142,10 @@ class _TimesSmallMatrix(torch.autograd.Function):
 def times_small_matrix(A: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """A @ M for A (p, q, k) and a small k x k matrix M (a kron R's spatial factor, k = kh * kw), differentiable in A.
 
-    An (N, 9) x (9, 9) sgemm runs far below memory speed on CPU (MKL: 12 ms for N = 512 * 512 on a 2-core CPU, a
-    copy of A takes 2 ms; BENCHMARKS section 30); there a large float32 A goes through one channels-last 1x1 conv
-    instead (4.5 ms, forward and backward alike). Same values up to float rounding; exact for M = I.
+    An (N, 9) x (9, 9) sgemm runs far below memory speed on CPU (MKL, 2 cores: 6.0 ms for N = 512 * 512, a copy of A
+    1.4 ms; BENCHMARKS section 30); there a float32 A of at least SMALL_PRODUCT_CONV_MIN elements (from a 256 x 128
+    x 3 x 3 kernel up; smaller ones gain nothing) goes through one channels-last 1x1 conv instead (2.9 ms; forward +
+    backward 6.3 ms against 13.6). Same values up to float rounding; exact for M = I.
     """
     if not torch.jit.is_scripting():  # (TorchScript compiles no autograd.Function; it skips this block)
         if A.device.type == 'cpu' and A.dtype == torch.float32 and A.ndim == 3 and A.numel() >= SMALL_PRODUCT_CONV_MIN:
