@@ -32,9 +32,10 @@ whitening error X - I = C + diag(v) that lies on the diagonal:  kappa = ||v||^2 
 So the update weights each part of the error by its size: mostly decorrelation while correlations dominate,
 more variance normalisation when variances drift far from 1.
 
-Cost, from n sampled inputs of dimension d: with n >= d, z and X (2 n d^2 flops), then G R (d^3) and everything
-else (the cap, the logged loss, correlation and auto kappa) from the d x d matrix X alone, a few dozen tensor
-operations; with n < d, X is never formed: X M = (1/n) Z^T (Z M) (3 n d^2 flops for the update), and the
+Cost, from n sampled inputs of dimension d: z = R x (n d^2 flops; none when the sample is z already, as the layers
+keep it), then with n >= d X (n d^2), G R (d^3) and everything else (the cap, the logged loss, correlation and auto
+kappa) from the d x d matrix X alone, a few dozen tensor operations; with n < d, X is never formed:
+X M = (1/n) Z^T (Z M) (2 n d^2 flops for the update), and the
 off-diagonal statistics (logged loss, correlation, auto kappa) take the Gram matrix of the first LOG_STAT_ROWS rows.
 Both give the same R up to float rounding. Every function here also takes a batch of equal-shape problems
 (R (..., d, d), inputs (..., n, d)), and `grouped_decorrelation_update_` updates many layers' R in one batched call
