@@ -167,3 +167,11 @@ def test_small_product_smoke(tmp_path):
     rows = json.loads((tmp_path / 'p.json').read_text())['rows']
     assert rows and all(row['fwd_speedup'] > 0 and row['fwd_bwd_speedup'] > 0 for row in rows)
     assert all(row['weight'][2] > 1 for row in rows) and 'fwd+bwd' in out  # kron layers only
+
+
+def test_op_counts_smoke(tmp_path):
+    out = _run('op_counts.py', '--config', 'test_resnet:32:2', '--warmup', '1', '--out', str(tmp_path / 'o'))
+    results = json.loads((tmp_path / 'o.json').read_text())['results']
+    for phase in ('forward', 'backward', 'step'):
+        assert results['dbp'][phase]['ops'] > 0 and results['bp'][phase]['ops'] > 0
+    assert results['dbp']['step']['ops'] > results['bp']['step']['ops'] and 'self CPU' in out  # R is updated
