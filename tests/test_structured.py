@@ -223,7 +223,8 @@ def test_sample_is_the_same_z_on_either_path(structure, kernel_size, groups, mon
         torch.testing.assert_close(a, b)
     if structure != 'kron':  # the rows are R applied to the drawn patches / pixels
         gen = torch.Generator().manual_seed(3)
-        drawn = (sample_pixels(x, groups, 200, gen) if structure == 'channel' else sample_conv_patches(x, layer, 200, gen))
+        drawn = (sample_pixels(x, groups, 200, gen) if structure == 'channel'
+                 else sample_conv_patches(x, layer, 200, gen))
         torch.testing.assert_close(samples[0], (drawn @ layer.decor_matrix.T).float())
 
 

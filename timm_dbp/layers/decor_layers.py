@@ -404,7 +404,7 @@ class DecorLayer:
         if self.decor_seed >= 0:  # own stream: sampling never shifts the training RNG (data order, dropout)
             generator = torch.Generator(device=x.device)
             generator.manual_seed(self.decor_seed)
-        x, R = x.detach(), self.decor_matrix.float()
+        x = x.detach()
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # z in float32, also under AMP
             if self.decor_structure == 'channel':  # a conv whose R_c acts on pixel vectors
                 z = sample_pixels(x, self.groups, self.decor_samples, generator).float()
@@ -418,7 +418,7 @@ class DecorLayer:
                 z = sample_conv_patches(x, self, self.decor_samples, generator).float()
             else:
                 z = sample_rows(x, self.decor_samples, generator).float()
-            self.decor_inputs = z if channel_mixed else z @ R.mT
+            self.decor_inputs = z if channel_mixed else z @ self.decor_matrix.float().mT
 
     def take_decor_inputs(self) -> Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]:
         """Return and clear the sample stored by the last armed training forward: (n, d) decorrelated inputs z = R x,

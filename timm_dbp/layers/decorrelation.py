@@ -367,10 +367,10 @@ def kron_factor_inputs(
 
     Per sampled patch P_k (c x s), q = num_vectors // n vectors each (at least 1, so a large sample costs a factor's
     update n c^2, not n s c^2; at most all of them): for R_c the columns (k q + j) mod s of z_k (R_c applied to the
-    columns of P_k R_s^T), for R_s the rows (k q + j) mod c of z_k (R_s applied to the rows of R_c P_k), j < q. num_vectors defaults to KRON_MIN_VECTORS. A kron layer draws
-    n = decor_samples / decor_vectors_per_patch patches and asks for decor_samples vectors: gathering the patches
-    is the costly part of sampling (1 by default: BENCHMARKS section 25 found no measurable time gain for 2 or 4 on
-    a 2-core CPU, and lower accuracy on wide twins).
+    columns of P_k R_s^T), for R_s the rows (k q + j) mod c of z_k (R_s applied to the rows of R_c P_k), j < q.
+    num_vectors defaults to KRON_MIN_VECTORS. A kron layer draws n = decor_samples / decor_vectors_per_patch patches
+    and asks for decor_samples vectors: gathering the patches is the costly part of sampling (1 by default: BENCHMARKS
+    section 25 found no measurable time gain for 2 or 4 on a 2-core CPU, and lower accuracy on wide twins).
 
     Args:
         R_channel: Channel factor, shape (c, c).
