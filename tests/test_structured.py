@@ -420,8 +420,12 @@ def test_record_decorrelation_of_many_layers_counts_and_logs_each_layer():
                 applied, was_capped = ch.applied & sp.applied, ch.capped | sp.capped
             expected.append((updates + int(applied), skipped + int(~applied), capped + int(was_capped & applied),
                              float(loss), float(corr), float(kappa), bool(applied)))
-        returned = record_decorrelation(layers, steps)
+        stacked = DecorrelationStep(*(torch.stack(field) for field in zip(*(s for layer_steps in steps
+                                                                             for s in layer_steps))))
+        returned = record_decorrelation(layers, stacked)
         for layer, want, got_applied in zip(layers, expected, returned):
             got = (int(layer.decor_updates), int(layer.decor_skipped), int(layer.decor_capped), float(layer.decor_loss),
                    float(layer.decor_corr), float(layer.decor_kappa), bool(got_applied))
             assert got == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match='steps of 8 problems'):  # one factor's step missing
+        record_decorrelation(layers, DecorrelationStep(*(field[1:] for field in stacked)))

@@ -37,8 +37,8 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .decorrelation import (
-    DecorrelationStep, combine_kron_steps, fused_weight, grouped_decorrelation_update_, kron_factor_inputs,
-    kron_vector_positions)
+    DecorrelationStep, _index_tensor, combine_kron_steps, fused_weight, grouped_decorrelation_update_,
+    kron_factor_inputs, kron_vector_positions)
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
@@ -269,10 +269,6 @@ def find_decor_layer(param: torch.Tensor) -> Optional['DecorLayer']:
     return layer
 
 
-def _stack_steps(steps: Sequence[DecorrelationStep]) -> DecorrelationStep:
-    return DecorrelationStep(*(torch.stack(field) for field in zip(*steps)))
-
-
 @functools.lru_cache(maxsize=64)
 def _factor_dims(dims: Tuple[Tuple[int, int], ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """(c, s) of a list of kron layers as two tensors on `device`, made once (no host-to-device copy per step)."""
@@ -281,31 +277,40 @@ def _factor_dims(dims: Tuple[Tuple[int, int], ...], device: torch.device) -> Tup
 
 
 @torch.no_grad()
-def record_decorrelation(
-        layers: Sequence['DecorLayer'],
-        steps: Sequence[Sequence[DecorrelationStep]],
-) -> List[torch.Tensor]:
+def record_decorrelation(layers: Sequence['DecorLayer'], step: DecorrelationStep) -> List[torch.Tensor]:
     """Count and log, for each layer, the steps of its `decorrelation_problems` (one per factor of its R; a kron R's
     two combined by `combine_kron_steps`) in its counters and statistics buffers; returns whether each R was updated
-    (every factor). Layers are handled together, a few tensor operations per device and factor count whatever the
-    number of layers (per layer, a dozen small operations cost a DBP step of a small model several ms on a CPU)."""
+    (every factor). `step` holds the steps of all the layers' problems in order (fields of shape (P,), as
+    `grouped_decorrelation_update_` returns them). Layers are handled together, a few tensor operations per device
+    and factor count whatever the number of layers (per layer, a dozen small operations cost a DBP step of a small
+    model several ms on a CPU)."""
     groups: Dict[tuple, List[int]] = {}
-    for i, (layer, layer_steps) in enumerate(zip(layers, steps)):
-        groups.setdefault((layer.decor_updates.device, len(layer_steps)), []).append(i)
+    first_problem, num_problems = [], 0
+    for i, layer in enumerate(layers):
+        factors = 2 if layer.decor_spatial.numel() else 1
+        groups.setdefault((layer.decor_updates.device, factors), []).append(i)
+        first_problem.append(num_problems)
+        num_problems += factors
+    if step.applied.shape != (num_problems,):
+        raise ValueError(f'expected the steps of {num_problems} problems for these {len(layers)} layers, got '
+                         f'fields of shape {tuple(step.applied.shape)}')
     applied: List[Optional[torch.Tensor]] = [None] * len(layers)
     for (device, factors), members in groups.items():
         group = [layers[i] for i in members]
-        per_factor = [_stack_steps([steps[i][f] for i in members]) for f in range(factors)]
+        per_factor = [DecorrelationStep(*(field[where].to(device) for field in step)) for where in (
+            _index_tensor(tuple(first_problem[i] + f for i in members), step.applied.device) for f in range(factors))]
         if factors == 1:
-            step = per_factor[0]
+            group_step = per_factor[0]
         else:
-            step = combine_kron_steps(*per_factor, *_factor_dims(tuple(l._decor_factor_dims() for l in group), device))
-        for name, value in (('decor_updates', step.applied), ('decor_skipped', ~step.applied),
-                            ('decor_capped', step.capped & step.applied)):
+            group_step = combine_kron_steps(
+                *per_factor, *_factor_dims(tuple(l._decor_factor_dims() for l in group), device))
+        for name, value in (('decor_updates', group_step.applied), ('decor_skipped', ~group_step.applied),
+                            ('decor_capped', group_step.capped & group_step.applied)):
             torch._foreach_add_([getattr(l, name) for l in group], list(value.long().unbind()))
-        for name, value in (('decor_loss', step.loss), ('decor_corr', step.correlation), ('decor_kappa', step.kappa)):
+        for name, value in (('decor_loss', group_step.loss), ('decor_corr', group_step.correlation),
+                            ('decor_kappa', group_step.kappa)):
             torch._foreach_copy_([getattr(l, name) for l in group], list(value.unbind()))
-        for i, layer_applied in zip(members, step.applied.unbind()):
+        for i, layer_applied in zip(members, group_step.applied.unbind()):
             applied[i] = layer_applied
     return applied
 
@@ -441,10 +446,11 @@ class DecorLayer:
             inputs = kron_factor_inputs(self.decor_matrix, spatial, inputs)
         return list(zip((self.decor_matrix, spatial), inputs))
 
-    def record_decorrelation(self, steps: Sequence[DecorrelationStep]) -> torch.Tensor:
-        """Count and log the steps of this layer's `decorrelation_problems` (one per factor); returns whether R was
-        updated (every factor). `record_decorrelation` does it for many layers at once."""
-        return record_decorrelation([self], [steps])[0]
+    def record_decorrelation(self, step: DecorrelationStep) -> torch.Tensor:
+        """Count and log the steps of this layer's `decorrelation_problems` (fields of shape (factors,), as
+        `grouped_decorrelation_update_` returns them); returns whether R was updated (every factor).
+        `record_decorrelation` does it for many layers at once."""
+        return record_decorrelation([self], step)[0]
 
     @torch.no_grad()
     def update_decorrelation(
@@ -461,9 +467,9 @@ class DecorLayer:
         `kron_decorrelation_update_` for a kron R) and its guards. A DBP optimizer updates all its layers at once
         instead (`decorrelation_problems`, `grouped_decorrelation_update_`, `record_decorrelation`).
         """
-        steps = grouped_decorrelation_update_(self.decorrelation_problems(inputs), lr=lr, kappa=kappa,
-                                              max_rel_change=max_rel_change, max_step=max_step, decorrelated=True)
-        return self.record_decorrelation(steps)
+        step = grouped_decorrelation_update_(self.decorrelation_problems(inputs), lr=lr, kappa=kappa,
+                                             max_rel_change=max_rel_change, max_step=max_step, decorrelated=True)
+        return self.record_decorrelation(step)
 
 
 @register_notrace_module  # FX: a leaf, its sampling is data dependent

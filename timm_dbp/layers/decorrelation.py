@@ -255,55 +255,66 @@ def decorrelation_update_(
         A `DecorrelationStep`: applied or not, loss and correlation before the update, relative change, kappa,
         capped or not.
     """
+    step = _flat_update_(R, inputs, lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step,
+                         decorrelated=decorrelated)
+    return DecorrelationStep(*(field.view(R.shape[:-2]) for field in step))
+
+
+def _flat_update_(R: torch.Tensor, inputs: torch.Tensor, *, lr: float, kappa: Union[float, str], max_rel_change: float,
+                  max_step: float, decorrelated: bool) -> DecorrelationStep:
+    """`decorrelation_update_` with the step's fields of shape (b,) for the b = R[..., 0, 0].numel() R's."""
     assert R.ndim >= 2 and R.shape[-1] == R.shape[-2], f'R must be square, got {tuple(R.shape)}'
     assert inputs.shape[:-2] == R.shape[:-2] and inputs.shape[-1] == R.shape[-1], \
         f'inputs must be (..., n, {R.shape[-1]}) with R\'s batch shape {tuple(R.shape[:-2])}, got {tuple(inputs.shape)}'
     n, d = inputs.shape[-2:]
-    Rf = R.float()
-    z = inputs.float() if decorrelated else inputs.float() @ Rf.mT  # z_k = R x_k for every row
+    Rf = R.float().reshape(-1, d, d)  # one batch dimension: every product is one bmm
+    z = inputs.float().reshape(-1, n, d)
+    if not decorrelated:
+        z = torch.bmm(z, Rf.mT)  # z_k = R x_k for every row
     if n >= d:  # X itself (n d^2 flops); everything else is d x d work
-        X = z.mT @ z / n
+        X = torch.bmm(z.mT, z).div_(n)
         diag = X.diagonal(dim1=-2, dim2=-1)
         offdiag_sq, correlation = _moment_offdiag_sq_mean(X), _moment_correlation(X)
-
-        def times_X(M: torch.Tensor) -> torch.Tensor:
-            return X @ M
     else:  # X never formed: X M = (1/n) Z^T (Z M), 2 n d k flops for a d x k matrix M
         diag = z.square().mean(-2)
-        z_log = z[..., :LOG_STAT_ROWS, :]
+        z_log = z[:, :LOG_STAT_ROWS]
         offdiag_sq, correlation = _offdiag_sq_mean(z_log), offdiag_correlation(z_log)
-
-        def times_X(M: torch.Tensor) -> torch.Tensor:
-            return z.mT @ (z @ M) / n
     if kappa == 'auto':
         kappa = _diagonal_share(offdiag_sq * d * (d - 1), diag - 1)
     else:
         kappa = diag.new_full(diag.shape[:-1], float(kappa))
-    k = kappa[..., None]
-    # G = (1 - kappa) (X - D) + kappa (D - I) with D = diag(X): G M = (1 - kappa) X M + row_scale * M
+    k = kappa[:, None]
+    # G = (1 - kappa) (X - D) + kappa (D - I) with D = diag(X), i.e. (1 - kappa) X + diag(row_scale)
     row_scale = (2 * k - 1) * diag - k
+    if n >= d:  # G itself (d^2 numbers): then every product G M is one bmm
+        G = X * (1 - k[:, None])
+        G.diagonal(dim1=-2, dim2=-1).add_(row_scale)
+
+        def times_G(M: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(G, M)
+    else:
+        def times_G(M: torch.Tensor) -> torch.Tensor:
+            return torch.addcmul(torch.bmm(z.mT, torch.bmm(z, M)) * ((1 - k[:, None]) / n), row_scale[..., None], M)
     step_size = diag.new_full(diag.shape[:-1], float(lr))
     if max_step != float('inf'):
-        step_size = torch.minimum(step_size, max_step / _largest_eigenvalue(times_X, 1 - k, row_scale, diag.sqrt()))
-    delta = ((1 - k[..., None]) * times_X(Rf) + row_scale[..., None] * Rf).mul_(step_size[..., None, None])
+        step_size = torch.minimum(step_size, max_step / _largest_eigenvalue(times_G, diag.sqrt()))
+    delta = times_G(Rf).mul_(step_size[:, None, None])
 
     # Guards without a host sync: a rejected update is selected away, not branched around.
     rel_change = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(Rf).clamp_min(1e-30)
     applied = rel_change <= max_rel_change  # False for NaN / inf
-    R.sub_(torch.where(applied[..., None, None], delta, 0.0).to(R.dtype))
+    R.sub_(torch.where(applied[:, None, None], delta, 0.0).view(R.shape).to(R.dtype))
     return DecorrelationStep(
         applied, _weighted_loss(offdiag_sq, diag - 1, kappa), correlation, rel_change, kappa, step_size < lr)
 
 
-def _largest_eigenvalue(times_X: Callable[[torch.Tensor], torch.Tensor], offdiag_weight: torch.Tensor,
-                        row_scale: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """|lambda|_max of G = (1 - kappa) C + kappa diag(v) by POWER_ITERATIONS products G u = (1 - kappa) X u +
-    row_scale u, from `start` (the RMS of z: the mean direction that dominates C after a ReLU)."""
-    u, Gu = start, start
+def _largest_eigenvalue(times_G: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor) -> torch.Tensor:
+    """|lambda|_max of G = (1 - kappa) C + kappa diag(v) by POWER_ITERATIONS products G u, from `start` (the RMS of
+    z: the mean direction that dominates C after a ReLU)."""
+    Gu = start[..., None]
     for _ in range(POWER_ITERATIONS):
-        u = Gu / torch.linalg.vector_norm(Gu, dim=-1, keepdim=True).clamp_min(1e-30)
-        Gu = torch.addcmul(times_X(u[..., None]).squeeze(-1) * offdiag_weight, row_scale, u)
-    return torch.linalg.vector_norm(Gu, dim=-1)
+        Gu = times_G(Gu / torch.linalg.vector_norm(Gu, dim=-2, keepdim=True).clamp_min(1e-30))
+    return torch.linalg.vector_norm(Gu, dim=(-2, -1))
 
 
 @torch.no_grad()
@@ -315,7 +326,7 @@ def grouped_decorrelation_update_(
         max_rel_change: float = 1.0,
         max_step: float = float('inf'),
         decorrelated: bool = False,
-) -> List[DecorrelationStep]:
+) -> DecorrelationStep:
     """`decorrelation_update_` on every (R, inputs) pair, one batched call per group of equal shapes and dtypes.
 
     The same rule and guards per pair, so the result is each pair's own update (up to float rounding): pairs of a
@@ -323,24 +334,41 @@ def grouped_decorrelation_update_(
     batched: batching saves per-operation overhead, which only small problems feel, and stacking large ones costs
     memory (full R of resnet18: 1 GiB more peak training memory); larger R's are updated one by one.
     decorrelated=True: every pair's inputs are its z = R x (see `decorrelation_update_`).
+
+    Returns:
+        The steps of all pairs as one `DecorrelationStep` whose fields have shape (len(problems),), pair i's at
+        index i, on the first pair's device (kept stacked: splitting them costs one operation per pair and field).
     """
+    if not problems or any(R.ndim != 2 for R, _ in problems):
+        raise ValueError('grouped_decorrelation_update_ takes one or more (R, inputs) pairs of one R (d x d) each')
     rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step, decorrelated=decorrelated)
     groups: Dict[tuple, List[int]] = {}
     for i, (R, inputs) in enumerate(problems):
         groups.setdefault((R.shape, R.dtype, R.device, inputs.shape, inputs.dtype), []).append(i)
-    steps: List[Optional[DecorrelationStep]] = [None] * len(problems)
+    order: List[int] = []  # pair of each entry of the concatenated steps
+    parts: List[DecorrelationStep] = []
     for members in groups.values():
         Rs = [problems[i][0] for i in members]
         if len(members) == 1 or Rs[0].shape[-1] > BATCH_MAX_DIM:
-            for i in members:
-                steps[i] = decorrelation_update_(*problems[i], **rule)
-            continue
-        batch = torch.stack(Rs)
-        step = decorrelation_update_(batch, torch.stack([problems[i][1] for i in members]), **rule)
-        torch._foreach_copy_(Rs, list(batch.unbind(0)))
-        for j, i in enumerate(members):
-            steps[i] = DecorrelationStep(*(field[j] for field in step))
-    return steps
+            parts += [_flat_update_(*problems[i], **rule) for i in members]
+        else:
+            batch = torch.stack(Rs)
+            parts.append(_flat_update_(batch, torch.stack([problems[i][1] for i in members]), **rule))
+            torch._foreach_copy_(Rs, list(batch.unbind(0)))
+        order += members
+    device = problems[0][0].device
+    fields = [torch.cat([field.to(device) for field in part_fields]) for part_fields in zip(*parts)]
+    if order != sorted(order):
+        where = _index_tensor(tuple(sorted(range(len(order)), key=order.__getitem__)), device)
+        fields = [field[where] for field in fields]
+    return DecorrelationStep(*fields)
+
+
+@functools.lru_cache(maxsize=256)
+def _index_tensor(indices: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`indices` as an int64 tensor on `device`, made once per tuple (no host-to-device copy per step). Cached:
+    callers must not modify it."""
+    return torch.tensor(indices, dtype=torch.long, device=device)
 
 
 KRON_MIN_VECTORS = 1024  # vectors a kron factor learns from by default (`kron_factor_inputs`)

@@ -192,15 +192,11 @@ class DBPMixin:
             if not group['decor_batch']:
                 settings += (layer,)  # a group of its own
             work.setdefault(settings, []).append((layer, layer.decorrelation_problems(inputs)))
-        updated, their_steps = [], []
         for (lr, kappa, max_change, max_step, *_), layers in work.items():
-            steps = iter(grouped_decorrelation_update_(
+            step = grouped_decorrelation_update_(
                 [problem for _, problems in layers for problem in problems], lr=lr, kappa=kappa,
-                max_rel_change=max_change, max_step=max_step, decorrelated=True))
-            for layer, problems in layers:
-                updated.append(layer)
-                their_steps.append([next(steps) for _ in problems])
-        record_decorrelation(updated, their_steps)
+                max_rel_change=max_change, max_step=max_step, decorrelated=True)
+            record_decorrelation([layer for layer, _ in layers], step)
 
     def step(self, closure=None):
         loss = super().step(closure)
