@@ -8,7 +8,10 @@ For each (model, image size, batch) config, times one training step (forward, ba
 Variants run interleaved (bp fusion sample dbp bp fusion ...), --repeats rounds after one warm-up round; medians.
 Overheads are differences of medians: fusion - bp, sample - fusion, dbp - sample. Timer: time.perf_counter with
 torch.cuda.synchronize() on CUDA. Each timed sample is one block of decor_interval steps (so an R update every k
-steps is included once per block), reported per step. Writes JSON (with this script's source) and a PNG bar chart.
+steps is included once per block), reported per step. Every step is also timed by phase (forward with the loss,
+backward, optimizer step; medians in `phase_median_s`): the optimizer step of dbp minus that of sample is the R update
+measured directly, without the forward's and backward's noise. Writes JSON (with this script's source) and a PNG bar
+chart.
 
     python bench/step_cost.py --out docs/bench_step_cost   # CPU: resnet18 64px b64, resnet18 224px b32, resnet50 64px b64
     python bench/step_cost.py --dbp dbp_structure=channel decor_interval=4   # other DBP settings
@@ -38,6 +41,7 @@ parser.add_argument('--dbp', nargs='*', default={}, action=timm.utils.ParseKwarg
                          'optimizer (e.g. decor_interval=4 decor_samples=512)')
 
 VARIANTS = ('bp', 'fusion', 'sample', 'dbp')
+PHASES = ('forward', 'backward', 'step')  # each step is also timed by phase: forward + loss, backward, opt.step()
 
 
 def split_dbp_settings(settings):
@@ -66,7 +70,9 @@ def build(variant, model_name, img_size, device, channels_last, settings):
     return model, opt
 
 
-def step_fn(variant, model, opt, x, y, amp, settings):
+def step_fn(variant, model, opt, x, y, amp, settings, phase_times):
+    """A function running one block of decor_interval training steps, appending each step's (forward, backward,
+    optimizer step) seconds to phase_times."""
     layers = [layer for _, layer in decor_layers(model)]
     samples = settings.get('decor_samples', timm_dbp.DBP_DEFAULTS['decor_samples'])
     block = settings.get('decor_interval', timm_dbp.DBP_DEFAULTS['decor_interval'])
@@ -76,10 +82,15 @@ def step_fn(variant, model, opt, x, y, amp, settings):
         if arm:
             for layer in layers:
                 layer.decor_samples = samples
+        t0 = now(x.device)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(x), y)
+        t1 = now(x.device)
         loss.backward()
+        t2 = now(x.device)
         opt.step()
+        t3 = now(x.device)
+        phase_times.append((t1 - t0, t2 - t1, t3 - t2))
         opt.zero_grad(set_to_none=True)
         if arm:
             for layer in layers:
@@ -89,6 +100,13 @@ def step_fn(variant, model, opt, x, y, amp, settings):
         for index in range(block):
             one_step(index)
     return steps, block
+
+
+def now(device):
+    """time.perf_counter() once the device's queued work is done."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def timed(fn, device):
@@ -112,10 +130,10 @@ def main():
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 100, (batch,), device=device)
-        steps, state_mib = {}, 0.0
+        steps, state_mib, phases = {}, 0.0, {v: [] for v in VARIANTS}
         for variant in VARIANTS:
             model, opt = build(variant, model_name, img, device, args.channels_last, args.dbp)
-            steps[variant], block = step_fn(variant, model, opt, x, y, args.amp, args.dbp)
+            steps[variant], block = step_fn(variant, model, opt, x, y, args.amp, args.dbp, phases[variant])
             if variant == 'dbp':
                 state_mib = sum(layer.decor_state_bytes for _, layer in decor_layers(model)) / 2 ** 20
         times = {v: [] for v in VARIANTS}
@@ -125,9 +143,12 @@ def main():
                 if round_idx > 0:  # round 0 is warm-up
                     times[variant].append(t)
         med = {v: statistics.median(times[v]) for v in VARIANTS}
+        timed_phases = {v: phases[v][block:] for v in VARIANTS}  # steps of the timed rounds (not the warm-up)
+        phase_med = {v: dict(zip(PHASES, (statistics.median(p) for p in zip(*timed_phases[v])))) for v in VARIANTS}
         row = dict(
             config=config, model=model_name, img_size=img, batch_size=batch, dbp_settings=args.dbp,
-            decor_state_mib=state_mib, median_s=med, raw_s=times,
+            decor_state_mib=state_mib, median_s=med, raw_s=times, phase_median_s=phase_med,
+            raw_phase_s=timed_phases,
             ratio_dbp_bp=med['dbp'] / med['bp'],
             overhead_s=dict(fusion=med['fusion'] - med['bp'], sample=med['sample'] - med['fusion'],
                             update=med['dbp'] - med['sample']),
@@ -138,6 +159,8 @@ def main():
               f'overhead: fusion {o["fusion"]:+.3f}s  sample {o["sample"]:+.3f}s  update {o["update"]:+.3f}s  '
               f'R {state_mib:.1f} MiB',
               flush=True)
+        print(' ' * 20 + 'phase medians (forward / backward / optimizer step, ms): ' + ', '.join(
+            f'{v} ' + ' / '.join(f'{phase_med[v][p] * 1e3:.1f}' for p in PHASES) for v in VARIANTS), flush=True)
     meta = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
                 amp=args.amp, channels_last=args.channels_last, repeats=args.repeats, dbp_settings=args.dbp,
                 dbp_defaults=timm_dbp.DBP_DEFAULTS)

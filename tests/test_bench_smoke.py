@@ -21,6 +21,9 @@ def test_step_cost_smoke(tmp_path):
     result = json.loads((tmp_path / 's.json').read_text())['results'][0]
     assert set(result['median_s']) == {'bp', 'fusion', 'sample', 'dbp'} and result['ratio_dbp_bp'] > 0
     assert (tmp_path / 's.png').exists() and 'ratio' in out
+    for variant, phases in result['raw_phase_s'].items():  # one (forward, backward, step) per timed step
+        assert len(phases) == 1 and sum(phases[0]) <= result['raw_s'][variant][0]
+        assert set(result['phase_median_s'][variant]) == {'forward', 'backward', 'step'}
 
 
 def test_layer_costs_smoke(tmp_path):
@@ -174,4 +177,6 @@ def test_op_counts_smoke(tmp_path):
     results = json.loads((tmp_path / 'o.json').read_text())['results']
     for phase in ('forward', 'backward', 'step'):
         assert results['dbp'][phase]['ops'] > 0 and results['bp'][phase]['ops'] > 0
+        assert 0 < results['dbp'][phase]['dispatch_ops'] <= results['dbp'][phase]['ops']
     assert results['dbp']['step']['ops'] > results['bp']['step']['ops'] and 'self CPU' in out  # R is updated
+    assert results['dbp']['step']['dispatch_ops'] > results['bp']['step']['dispatch_ops']
