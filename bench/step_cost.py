@@ -110,13 +110,9 @@ def now(device):
 
 
 def timed(fn, device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = now(device)
     fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return now(device) - t0
 
 
 def main():

@@ -287,7 +287,7 @@ def record_decorrelation(layers: Sequence['DecorLayer'], step: DecorrelationStep
     groups: Dict[tuple, List[int]] = {}
     first_problem, num_problems = [], 0
     for i, layer in enumerate(layers):
-        factors = 2 if layer.decor_spatial.numel() else 1
+        factors = 1 if layer._spatial_factor() is None else 2  # as in `decorrelation_problems`
         groups.setdefault((layer.decor_updates.device, factors), []).append(i)
         first_problem.append(num_problems)
         num_problems += factors
