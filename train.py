@@ -194,6 +194,8 @@ group.add_argument('--decor-vectors-per-patch', type=int, default=None,
                    help='kron R: vectors per factor drawn from each sampled patch (decor_samples / this many patches)')
 group.add_argument('--decor-max-step', type=float, default=None,
                    help='step cap of the R update: decor_lr * |lambda|_max <= this (inf = no cap)')
+group.add_argument('--decor-matmul-dtype', default=None, choices=('float32', 'bfloat16'),
+                   help='operand dtype of the R update\'s matrix products (bfloat16: faster where the hardware has it)')
 
 # Low-memory conv gradients (XConv: multi-channel randomized trace estimation, timm_dbp.sketch_convs)
 group = parser.add_argument_group('Low-memory gradient parameters')
@@ -444,7 +446,8 @@ def check_model_name(name: str) -> None:
 
 
 # --decor-lr, --kappa, ...: None = the optimizer's default
-DBP_SHORTCUTS = ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step', 'decor_vectors_per_patch')
+DBP_SHORTCUTS = ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step', 'decor_vectors_per_patch',
+                 'decor_matmul_dtype')
 
 
 def _optimizer_kwargs(args) -> dict:

@@ -255,6 +255,7 @@ def _dbp_settings(f: CardFacts) -> str:
          'kron R: vectors per factor from each sampled patch'),
         ('decor_max_step', 'off' if s.get('decor_max_step') in (None, float('inf')) else s.get('decor_max_step'),
          'step cap: decor_lr * |lambda|_max of the update kept <= this (off: the paper\'s plain rule)'),
+        ('decor_matmul_dtype', s.get('decor_matmul_dtype'), 'operand dtype of the R update\'s matrix products'),
         ('R structure (dbp_structure)', s.get('structure'), 'full: (c·s)² per conv; channel: c²; kron: c² and s²'),
         ('dbp_exclude', list(s.get('exclude') or []) or 'none', 'layers kept plain'),
         ('dbp_max_dim', s.get('max_dim') or 'none', 'layers with a larger input dimension kept plain'),

@@ -268,14 +268,15 @@ def _dataset(args: Dict[str, Any], dataset_id: Optional[str]) -> Tuple[str, Opti
     return (args.get('dataset') or 'an image folder dataset'), dataset_id, split
 
 
-# what runs from before an option existed did: no step cap (the plain rule), one vector per sampled patch
-_SETTINGS_OF_OLDER_RUNS = {'decor_max_step': None, 'decor_vectors_per_patch': 1}
+# what runs from before an option existed did: no step cap (the plain rule), one vector per sampled patch, float32
+_SETTINGS_OF_OLDER_RUNS = {'decor_max_step': None, 'decor_vectors_per_patch': 1, 'decor_matmul_dtype': 'float32'}
 
 
 def _dbp_settings(args: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str, Any]:
     opt_args = dict(args.get('opt_args') or {})
     settings = {}
-    for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step', 'decor_vectors_per_patch'):
+    for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step', 'decor_vectors_per_patch',
+                 'decor_matmul_dtype'):
         value = args.get(name)
         settings[name] = value if value is not None else opt_args.get(name, DBP_DEFAULTS[name])
     for name, before in _SETTINGS_OF_OLDER_RUNS.items():  # args.yaml from before the option existed

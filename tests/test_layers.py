@@ -292,16 +292,50 @@ def _correlated(n, d, rho=0.9, seed=0):
     return torch.randn(n, d, generator=g) @ L.T
 
 
-def test_update_decorrelates_strongly_correlated_inputs():
-    d = 16
+@pytest.mark.parametrize('d, matmul_dtype', [(16, torch.float32), (128, torch.float32), (128, torch.bfloat16)])
+def test_update_decorrelates_strongly_correlated_inputs(d, matmul_dtype):
     R = torch.eye(d)
     held_out = _correlated(20000, d, seed=1)
     before = offdiag_correlation(held_out @ R.T)
     for step in range(300):
-        decorrelation_update_(R, _correlated(512, d, seed=100 + step), lr=0.02, kappa=0.0)
+        decorrelation_update_(R, _correlated(512, d, seed=100 + step), lr=0.02, kappa=0.0, max_step=0.5,
+                              matmul_dtype=matmul_dtype)
     after = offdiag_correlation(held_out @ R.T)
-    assert before > 0.85
+    assert before > 0.85 and R.dtype == torch.float32
     assert after < before / 10, (before, after)
+
+
+@pytest.mark.parametrize('n', [400, 50])  # n >= d (X formed) and n < d (products through z)
+@pytest.mark.parametrize('lr', [1e-3, 5e-2])  # the cap idle and binding
+def test_bfloat16_products_change_the_step_by_their_rounding_only(n, lr):
+    """matmul_dtype=bfloat16 rounds the operands of the update's products (8 significant bits): the step differs
+    from float32's (so the bfloat16 products did run) by about 2^-8 relative, R stays float32, the cap binds alike,
+    and a batch of problems gets each problem's own bfloat16 update."""
+    torch.manual_seed(0)
+    d = 160  # >= MATMUL_DTYPE_MIN_DIM
+    R = torch.eye(d) + 0.01 * torch.randn(d, d)
+    x = F.relu(torch.randn(n, d)) + 1.0
+    steps, deltas = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        R_new = R.clone()
+        steps[dtype] = decorrelation_update_(R_new, x, lr=lr, kappa=0.3, max_step=0.5, matmul_dtype=dtype)
+        deltas[dtype] = R_new - R
+        assert R_new.dtype == torch.float32 and bool(steps[dtype].applied)
+    error = (deltas[torch.bfloat16] - deltas[torch.float32]).norm() / deltas[torch.float32].norm()
+    assert 1e-5 < error < 2e-2, error
+    assert bool(steps[torch.bfloat16].capped) == bool(steps[torch.float32].capped) == (lr > 1e-2)
+    torch.testing.assert_close(steps[torch.bfloat16].loss, steps[torch.float32].loss, rtol=1e-2, atol=0)
+    batch = [(R.clone(), x), (R.clone(), x.flip(0))]  # the same problem twice: one batched call
+    grouped = grouped_decorrelation_update_(batch, lr=lr, kappa=0.3, max_step=0.5, matmul_dtype=torch.bfloat16)
+    tolerance = 1e-3 * deltas[torch.float32].abs().max().item()  # float32 sums in another order, not bfloat16's 4e-3
+    for R_batched, _ in batch:
+        torch.testing.assert_close(R_batched - R, deltas[torch.bfloat16], rtol=0, atol=tolerance)
+    assert grouped.applied.all()
+
+
+def test_update_refuses_a_matmul_dtype_that_could_overflow():
+    with pytest.raises(ValueError, match='matmul_dtype'):
+        decorrelation_update_(torch.eye(4), torch.randn(8, 4), lr=1e-3, kappa=0.0, matmul_dtype=torch.float16)
 
 
 def test_kappa_one_drives_variances_to_one():

@@ -92,6 +92,7 @@ def test_unknown_optimizer_name_fails():
     (dict(decor_max_step='inf'), 'decor_max_step'), (dict(decor_max_step=True), 'decor_max_step'),
     (dict(decor_max_change=None), 'decor_max_change'), (dict(decor_vectors_per_patch=0), 'decor_vectors_per_patch'),
     (dict(decor_vectors_per_patch=1.5), 'decor_vectors_per_patch'),
+    (dict(decor_matmul_dtype='float16'), 'decor_matmul_dtype'), (dict(decor_matmul_dtype=torch.bfloat16), 'decor_matmul_dtype'),
 ])
 def test_bad_values_raise_value_error_naming_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
@@ -115,19 +116,20 @@ def test_decor_lr_zero_is_exactly_plain_bp():
         assert torch.equal(folded[k], v), k
 
 
-@pytest.mark.parametrize('batch', [True, False])
-def test_optimizer_updates_every_layer_as_its_own_update_would(batch):
+@pytest.mark.parametrize('batch, matmul_dtype', [(True, 'float32'), (False, 'float32'), (False, 'bfloat16')])
+def test_optimizer_updates_every_layer_as_its_own_update_would(batch, matmul_dtype):
     """The optimizer batches equal-shape R factors across layers; the result is each layer's own update (bitwise
-    with decor_batch=False)."""
+    with decor_batch=False), with the products in the group's decor_matmul_dtype."""
     model = _model()
     opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.0, decor_lr=0.05, kappa=0.2, decor_max_step=0.2,
-                              decor_batch=batch)
+                              decor_batch=batch, decor_matmul_dtype=matmul_dtype)
     x, y = _batch(0)
     F.cross_entropy(model(x), y).backward()
     expected = {}
     for name, layer in decor_layers(model):
         twin = copy.deepcopy(layer)
-        applied = twin.update_decorrelation(layer.decor_inputs, lr=0.05, kappa=0.2, max_step=0.2)
+        applied = twin.update_decorrelation(layer.decor_inputs, lr=0.05, kappa=0.2, max_step=0.2,
+                                            matmul_dtype=getattr(torch, matmul_dtype))
         expected[name] = (twin, bool(applied))
     opt.step()
     assert len(expected) > 10

@@ -290,6 +290,14 @@ def test_auto_kappa_and_structured_R_from_the_command_line(tiny_fmnist, tmp_path
     assert (reloaded.decor_samples, reloaded.kappa) == (recorded['decor_samples'], 'auto')
 
 
+def test_decor_matmul_dtype_flag_reaches_the_optimizer(tiny_fmnist, tmp_path, capsys):
+    args, _ = train._parse_args(_args(tiny_fmnist, str(tmp_path), 'x', '--decor-matmul-dtype', 'bfloat16'))
+    assert train._optimizer_kwargs(args)['decor_matmul_dtype'] == 'bfloat16'
+    with pytest.raises(SystemExit) as exit_info:  # float16 could overflow the second moment: not offered
+        train.run(_args(tiny_fmnist, str(tmp_path), 'x', '--decor-matmul-dtype', 'float16'))
+    assert exit_info.value.code == 2 and '--decor-matmul-dtype' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('value', ['0', '-2', 'x'])
 def test_bad_sketch_probes(tiny_fmnist, tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit_info:

@@ -37,8 +37,8 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .decorrelation import (
-    DecorrelationStep, _index_tensor, combine_kron_steps, fused_weight, grouped_decorrelation_update_,
-    kron_factor_inputs, kron_vector_positions)
+    MATMUL_DTYPES, DecorrelationStep, _index_tensor, combine_kron_steps, fused_weight, grouped_decorrelation_update_,
+    kron_factor_inputs, kron_vector_positions, operand_dtype, rounded_product)
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
@@ -187,15 +187,17 @@ def sample_kron_factor_inputs(
         num_vectors: int,
         generator: Optional[torch.Generator] = None,
         channel_mixed: bool = False,
+        matmul_dtype: torch.dtype = torch.float32,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """`kron_factor_inputs(R_channel, R_spatial, sample_conv_patches(x, conv, num_patches, generator, flat=False),
-    num_vectors, channel_mixed)`: the same vectors up to float rounding, with one pass over the patches fewer.
+    num_vectors, channel_mixed, matmul_dtype)`: the same vectors up to float rounding, with one pass over the
+    patches fewer.
     Without groups the vectors sum_k R_s[j, k] x[pixel k] are one `embedding_bag` over the copied pixel rows (summed
     while gathering); the rows R_c[i] x[pixel k] read the gathered n x s x c patches, or, when x is R_c x already
     (channel_mixed), are gathered as they are (n x s x q numbers)."""
     if conv.groups > 1:
         patches = sample_conv_patches(x, conv, num_patches, generator, flat=False)
-        return kron_factor_inputs(R_channel, R_spatial, patches, num_vectors, channel_mixed)
+        return kron_factor_inputs(R_channel, R_spatial, patches, num_vectors, channel_mixed, matmul_dtype)
     x, b, _, pixel = _draw_patches(x, conv, num_patches, generator)
     n, s = pixel.shape
     pixels, rows = _pixel_rows(x, b, pixel, torch.float32)
@@ -208,7 +210,7 @@ def sample_kron_factor_inputs(
     if channel_mixed:  # rows of R_c P as drawn: pixels[row of kernel position k, channel i]
         spatial_vectors = pixels[rows[:, None, :], positions_c[:, :, None]]
     else:
-        channel_vectors = channel_vectors @ R_c.mT
+        channel_vectors = rounded_product(channel_vectors, R_c.mT, operand_dtype(R_c.shape[0], matmul_dtype))
         patches = pixels.index_select(0, rows.reshape(-1)).view(n, s, -1)
         spatial_vectors = torch.einsum('nqc,nsc->nqs', R_c[positions_c], patches)
     return channel_vectors, spatial_vectors.reshape(-1, s) @ R_s.mT
@@ -331,6 +333,7 @@ class DecorLayer:
     decor_samples: int
     decor_vectors_per_patch: int
     decor_seed: int
+    decor_matmul_dtype: str
     decor_inputs: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
 
     def _init_decor(self, structure: str = 'full', device=None, dtype=None) -> None:
@@ -354,6 +357,7 @@ class DecorLayer:
         self.decor_samples = 0  # inputs to capture on the next training forward, 0 = off
         self.decor_vectors_per_patch = DEFAULT_VECTORS_PER_PATCH  # kron: vectors per factor drawn from one patch
         self.decor_seed = -1  # seed of that sample (set by the optimizer); -1 = torch's global generator
+        self.decor_matmul_dtype = 'float32'  # operands of the sample's product with R (set by the optimizer)
         self.decor_inputs = None
         self.reset_decorrelation()
         _register_weight(self)
@@ -391,6 +395,7 @@ class DecorLayer:
         # pickle / deepcopy build the layer without __init__: register the copy's weight as well
         super().__setstate__(state)
         self.__dict__.setdefault('decor_vectors_per_patch', DEFAULT_VECTORS_PER_PATCH)  # pickled by older versions
+        self.__dict__.setdefault('decor_matmul_dtype', 'float32')
         _register_weight(self)
 
     def _spatial_factor(self) -> Optional[torch.Tensor]:
@@ -410,6 +415,7 @@ class DecorLayer:
             generator = torch.Generator(device=x.device)
             generator.manual_seed(self.decor_seed)
         x = x.detach()
+        matmul_dtype = MATMUL_DTYPES[self.decor_matmul_dtype]
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # z in float32, also under AMP
             if self.decor_structure == 'channel':  # a conv whose R_c acts on pixel vectors
                 z = sample_pixels(x, self.groups, self.decor_samples, generator).float()
@@ -418,12 +424,14 @@ class DecorLayer:
                 if spatial is not None:  # fewer patches, several vectors each; kept as the factors' vectors
                     num_patches = -(-self.decor_samples // self.decor_vectors_per_patch)
                     self.decor_inputs = sample_kron_factor_inputs(
-                        x, self, self.decor_matrix, spatial, num_patches, self.decor_samples, generator, channel_mixed)
+                        x, self, self.decor_matrix, spatial, num_patches, self.decor_samples, generator, channel_mixed,
+                        matmul_dtype)
                     return
                 z = sample_conv_patches(x, self, self.decor_samples, generator).float()
             else:
                 z = sample_rows(x, self.decor_samples, generator).float()
-            self.decor_inputs = z if channel_mixed else z @ self.decor_matrix.float().mT
+            self.decor_inputs = z if channel_mixed else rounded_product(
+                z, self.decor_matrix.float().mT, operand_dtype(z.shape[-1], matmul_dtype))
 
     def take_decor_inputs(self) -> Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]:
         """Return and clear the sample stored by the last armed training forward: (n, d) decorrelated inputs z = R x,
@@ -460,6 +468,7 @@ class DecorLayer:
             kappa: Union[float, str],
             max_rel_change: float = 1.0,
             max_step: float = float('inf'),
+            matmul_dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Apply one DBP step to R from a sample of z (see `take_decor_inputs`); returns whether it was applied.
 
@@ -468,7 +477,8 @@ class DecorLayer:
         instead (`decorrelation_problems`, `grouped_decorrelation_update_`, `record_decorrelation`).
         """
         step = grouped_decorrelation_update_(self.decorrelation_problems(inputs), lr=lr, kappa=kappa,
-                                             max_rel_change=max_rel_change, max_step=max_step, decorrelated=True)
+                                             max_rel_change=max_rel_change, max_step=max_step, decorrelated=True,
+                                             matmul_dtype=matmul_dtype)
         return self.record_decorrelation(step)
 
 

@@ -37,7 +37,10 @@ keep it), then with n >= d X (n d^2), G R (d^3) and everything else (the cap, th
 kappa) from the d x d matrix X alone, a few dozen tensor operations; with n < d, X is never formed:
 X M = (1/n) Z^T (Z M) (2 n d^2 flops for the update), and the
 off-diagonal statistics (logged loss, correlation, auto kappa) take the Gram matrix of the first LOG_STAT_ROWS rows.
-Both give the same R up to float rounding. Every function here also takes a batch of equal-shape problems
+Both give the same R up to float rounding. matmul_dtype=torch.bfloat16 rounds the operands of these products (z, G,
+R, never R itself or the step) to bfloat16, with float32 results: an error of about 2^-9 relative per entry, far below
+the sampling noise of X (about 1 / sqrt(n)), for 4x faster products where the hardware multiplies bfloat16 natively
+(BENCHMARKS section 32); problems narrower than MATMUL_DTYPE_MIN_DIM multiply in float32. Every function here also takes a batch of equal-shape problems
 (R (..., d, d), inputs (..., n, d)), and `grouped_decorrelation_update_` updates many layers' R in one batched call
 per shape: a small model's update is bound by the number of tensor operations, not by flops.
 
@@ -57,11 +60,14 @@ __all__ = [
     'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
     'kron_factor_inputs', 'kron_vector_positions', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa',
     'offdiag_correlation', 'fused_weight', 'times_small_matrix', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM',
-    'KRON_MIN_VECTORS', 'SMALL_PRODUCT_CONV_MIN']
+    'KRON_MIN_VECTORS', 'SMALL_PRODUCT_CONV_MIN', 'MATMUL_DTYPES', 'MATMUL_DTYPE_MIN_DIM',
+    'operand_dtype', 'rounded_product']
 
 LOG_STAT_ROWS = 256  # rows of a sample (n < d) used for the logged loss / correlation (cost n^2 d)
 POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
 BATCH_MAX_DIM = 512  # `grouped_decorrelation_update_` batches equal-shape R's up to this size
+MATMUL_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}  # of the products (float16 could overflow X)
+MATMUL_DTYPE_MIN_DIM = 128  # narrower problems multiply in float32: operation count, not flops (BENCHMARKS 32)
 
 
 class DecorrelationStep(NamedTuple):
@@ -224,6 +230,22 @@ def offdiag_correlation(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 @torch.no_grad()
+def operand_dtype(d: int, matmul_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the products of a d-dimensional problem round their operands to: matmul_dtype, but float32 below
+    MATMUL_DTYPE_MIN_DIM (there rounding costs more than the product saves)."""
+    if matmul_dtype not in MATMUL_DTYPES.values():
+        raise ValueError(f'matmul_dtype must be one of {tuple(MATMUL_DTYPES.values())}, got {matmul_dtype!r}')
+    return matmul_dtype if d >= MATMUL_DTYPE_MIN_DIM else torch.float32
+
+
+def rounded_product(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A @ B in float32 from operands rounded to dtype (float32: the plain product); two batches of matrices by
+    one bmm."""
+    A, B = A.to(dtype), B.to(dtype)
+    product = torch.bmm(A, B) if A.ndim == B.ndim == 3 else A @ B
+    return product.float()
+
+
 def decorrelation_update_(
         R: torch.Tensor,
         inputs: torch.Tensor,
@@ -233,6 +255,7 @@ def decorrelation_update_(
         max_rel_change: float = 1.0,
         max_step: float = float('inf'),
         decorrelated: bool = False,
+        matmul_dtype: torch.dtype = torch.float32,
 ) -> DecorrelationStep:
     """One DBP step on R in place: R <- R - lr * [(1 - kappa) C + kappa diag(v)] R (see module docstring).
 
@@ -250,18 +273,19 @@ def decorrelation_update_(
         kappa: 0 = decorrelate only, 1 = variance normalisation only, 'auto' = `auto_kappa` of this sample.
         max_rel_change: Largest accepted relative change of R per update.
         max_step: Largest lr * |lambda|_max(G) of a step (> 0); larger steps are shrunk to it.
+        matmul_dtype: Operand dtype of the matrix products (float32 or bfloat16; results are float32 either way).
 
     Returns:
         A `DecorrelationStep`: applied or not, loss and correlation before the update, relative change, kappa,
         capped or not.
     """
     step = _flat_update_(R, inputs, lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step,
-                         decorrelated=decorrelated)
+                         decorrelated=decorrelated, matmul_dtype=matmul_dtype)
     return DecorrelationStep(*(field.view(R.shape[:-2]) for field in step))
 
 
 def _flat_update_(R: torch.Tensor, inputs: torch.Tensor, *, lr: float, kappa: Union[float, str], max_rel_change: float,
-                  max_step: float, decorrelated: bool) -> DecorrelationStep:
+                  max_step: float, decorrelated: bool, matmul_dtype: torch.dtype = torch.float32) -> DecorrelationStep:
     """`decorrelation_update_` with the step's fields of shape (b,) for the b = R[..., 0, 0].numel() R's."""
     assert R.ndim >= 2 and R.shape[-1] == R.shape[-2], f'R must be square, got {tuple(R.shape)}'
     assert inputs.shape[:-2] == R.shape[:-2] and inputs.shape[-1] == R.shape[-1], \
@@ -269,10 +293,13 @@ def _flat_update_(R: torch.Tensor, inputs: torch.Tensor, *, lr: float, kappa: Un
     n, d = inputs.shape[-2:]
     Rf = R.float().reshape(-1, d, d)  # one batch dimension: every product is one bmm
     z = inputs.float().reshape(-1, n, d)
+    dtype = operand_dtype(d, matmul_dtype)
+    times = functools.partial(rounded_product, dtype=dtype)
     if not decorrelated:
-        z = torch.bmm(z, Rf.mT)  # z_k = R x_k for every row
+        z = times(z, Rf.mT)  # z_k = R x_k for every row
+    z_mm = z.to(dtype)  # the products' operand, rounded once (z itself stays float32)
     if n >= d:  # X itself (n d^2 flops); everything else is d x d work
-        X = torch.bmm(z.mT, z).div_(n)
+        X = times(z_mm.mT, z_mm).div_(n)
         diag = X.diagonal(dim1=-2, dim2=-1)
         offdiag_sq, correlation = _moment_offdiag_sq_mean(X), _moment_correlation(X)
     else:  # X never formed: X M = (1/n) Z^T (Z M), 2 n d k flops for a d x k matrix M
@@ -289,12 +316,13 @@ def _flat_update_(R: torch.Tensor, inputs: torch.Tensor, *, lr: float, kappa: Un
     if n >= d:  # G itself (d^2 numbers): then every product G M is one bmm
         G = X * (1 - k[:, None])
         G.diagonal(dim1=-2, dim2=-1).add_(row_scale)
+        G = G.to(dtype)  # rounded once, not per product
 
         def times_G(M: torch.Tensor) -> torch.Tensor:
-            return torch.bmm(G, M)
+            return times(G, M)
     else:
         def times_G(M: torch.Tensor) -> torch.Tensor:
-            return torch.addcmul(torch.bmm(z.mT, torch.bmm(z, M)) * ((1 - k[:, None]) / n), row_scale[..., None], M)
+            return torch.addcmul(times(z_mm.mT, times(z_mm, M)) * ((1 - k[:, None]) / n), row_scale[..., None], M)
     step_size = diag.new_full(diag.shape[:-1], float(lr))
     if max_step != float('inf'):
         step_size = torch.minimum(step_size, max_step / _largest_eigenvalue(times_G, diag.sqrt()))
@@ -326,6 +354,7 @@ def grouped_decorrelation_update_(
         max_rel_change: float = 1.0,
         max_step: float = float('inf'),
         decorrelated: bool = False,
+        matmul_dtype: torch.dtype = torch.float32,
 ) -> DecorrelationStep:
     """`decorrelation_update_` on every (R, inputs) pair, one batched call per group of equal shapes and dtypes.
 
@@ -333,7 +362,7 @@ def grouped_decorrelation_update_(
     group are stacked, updated as a batch and copied back into their R. Only R's of at most BATCH_MAX_DIM rows are
     batched: batching saves per-operation overhead, which only small problems feel, and stacking large ones costs
     memory (full R of resnet18: 1 GiB more peak training memory); larger R's are updated one by one.
-    decorrelated=True: every pair's inputs are its z = R x (see `decorrelation_update_`).
+    decorrelated=True: every pair's inputs are its z = R x; matmul_dtype as for `decorrelation_update_`.
 
     Returns:
         The steps of all pairs as one `DecorrelationStep` whose fields have shape (len(problems),), pair i's at
@@ -341,7 +370,8 @@ def grouped_decorrelation_update_(
     """
     if not problems or any(R.ndim != 2 for R, _ in problems):
         raise ValueError('grouped_decorrelation_update_ takes one or more (R, inputs) pairs of one R (d x d) each')
-    rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step, decorrelated=decorrelated)
+    rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step, decorrelated=decorrelated,
+                matmul_dtype=matmul_dtype)
     groups: Dict[tuple, List[int]] = {}
     for i, (R, inputs) in enumerate(problems):
         groups.setdefault((R.shape, R.dtype, R.device, inputs.shape, inputs.dtype), []).append(i)
@@ -389,6 +419,7 @@ def kron_factor_inputs(
         patches: torch.Tensor,
         num_vectors: Optional[int] = None,
         channel_mixed: bool = False,
+        matmul_dtype: torch.dtype = torch.float32,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The decorrelated vectors each factor of R = R_c (x) R_s learns from, for the current factors: parts of
     z_k = R_c P_k R_s^T (see the module docstring), ready for `decorrelation_update_(..., decorrelated=True)`.
@@ -405,6 +436,7 @@ def kron_factor_inputs(
         R_spatial: Spatial factor, shape (s, s).
         patches: Sampled conv patches P, shape (n, c * s) or (n, c, s).
         channel_mixed: The patches are R_c P already (drawn from the output of an input-side R_c): R_c is not applied.
+        matmul_dtype: Operand dtype of the n x c x c product with R_c (see `operand_dtype`).
 
     Returns:
         (channel vectors (n q, c), spatial vectors (n q', s)), float32.
@@ -418,7 +450,7 @@ def kron_factor_inputs(
     if channel_mixed:
         spatial_vectors = P.gather(1, positions_c[:, :, None].expand(-1, -1, s))  # rows of R_c P, as drawn
     else:
-        channel_vectors = channel_vectors @ R_c.mT
+        channel_vectors = rounded_product(channel_vectors, R_c.mT, operand_dtype(c, matmul_dtype))
         spatial_vectors = torch.einsum('nqc,ncs->nqs', R_c[positions_c], P)
     return channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s) @ R_s.mT
 
@@ -457,6 +489,7 @@ def kron_decorrelation_update_(
         kappa: Union[float, str],
         max_rel_change: float = 1.0,
         max_step: float = float('inf'),
+        matmul_dtype: torch.dtype = torch.float32,
 ) -> DecorrelationStep:
     """One DBP step on both factors of R = R_c (x) R_s in place, from the same current z = R_c P R_s^T.
 
@@ -467,10 +500,11 @@ def kron_decorrelation_update_(
         R_channel: Channel factor, shape (c, c); updated in place.
         R_spatial: Spatial factor, shape (s, s); updated in place.
         patches: Sampled conv patches P (not yet decorrelated), shape (n, c * s) or (n, c, s).
-        lr, kappa, max_rel_change, max_step: As for `decorrelation_update_`.
+        lr, kappa, max_rel_change, max_step, matmul_dtype: As for `decorrelation_update_`.
     """
     channel_vectors, spatial_vectors = kron_factor_inputs(R_channel, R_spatial, patches)
-    rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step, decorrelated=True)
+    rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step, decorrelated=True,
+                matmul_dtype=matmul_dtype)
     return combine_kron_steps(
         decorrelation_update_(R_channel, channel_vectors, **rule),
         decorrelation_update_(R_spatial, spatial_vectors, **rule),

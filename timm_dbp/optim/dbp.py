@@ -22,6 +22,10 @@ DecorConv2d / DecorLinear. DBP hyperparameters are param group entries, so group
                       step (timm_dbp.layers.decorrelation), so one decor_lr suits narrow and wide layers; None or
                       inf = off (the paper's plain rule)
     decor_max_change  updates with ||dR|| > decor_max_change * ||R|| are refused (counted as skipped)
+    decor_matmul_dtype  'float32' or 'bfloat16': operand dtype of the large products of the R update and of the
+                      sample z = R x (float32 results, R kept in float32; R's narrower than 128 always multiply in
+                      float32); bfloat16 products run about 4x faster where the hardware has them and round far below
+                      the sample's noise (BENCHMARKS section 32)
     decor_batch       update equal-shape R's (and kron factors) of all layers as one batch, up to 512 x 512 (fewer,
                       larger tensor operations; the same rule per layer, rounded differently); False updates layer
                       by layer, so each layer's R is bitwise independent of which other layers this optimizer holds
@@ -39,7 +43,8 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from timm_dbp.layers import (
-    DEFAULT_VECTORS_PER_PATCH, DecorLayer, find_decor_layer, grouped_decorrelation_update_, record_decorrelation)
+    DEFAULT_VECTORS_PER_PATCH, MATMUL_DTYPES, DecorLayer, find_decor_layer, grouped_decorrelation_update_,
+    record_decorrelation)
 
 __all__ = ['with_dbp', 'is_dbp_optimizer', 'dbp_optimizer_of', 'NoDecorLayersWarning', 'DBP_DEFAULTS']
 
@@ -53,8 +58,10 @@ DBP_DEFAULTS: Dict[str, Any] = dict(
     decor_interval=1,
     decor_max_step=0.5,  # BENCHMARKS section 24: binds only on the widest layers' first updates, keeps 1e-2 stable
     decor_max_change=1.0,
+    decor_matmul_dtype='float32',
     decor_batch=True,
 )
+
 
 
 _SEED_MOD = 2 ** 62
@@ -74,6 +81,9 @@ def _validate_dbp_args(args: Dict[str, Any]) -> None:
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
+    if not (isinstance(args['decor_matmul_dtype'], str) and args['decor_matmul_dtype'] in MATMUL_DTYPES):
+        raise ValueError(f"decor_matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, "
+                         f"got {args['decor_matmul_dtype']!r}")
     if not isinstance(args['decor_batch'], bool):
         raise ValueError(f"decor_batch must be True or False, got {args['decor_batch']!r}")
     for name in ('decor_max_step', 'decor_max_change'):
@@ -163,6 +173,7 @@ class DBPMixin:
             updates_next = self.dbp_step % group['decor_interval'] == 0
             layer.decor_samples = group['decor_samples'] if updates_next and group['decor_lr'] > 0 else 0
             layer.decor_vectors_per_patch = group['decor_vectors_per_patch']
+            layer.decor_matmul_dtype = group['decor_matmul_dtype']
             layer.decor_seed = (self.dbp_seed + 1_000_003 * self.dbp_step + 7919 * (self.dbp_layer_offset + index)
                                 ) % _SEED_MOD
 
@@ -188,14 +199,15 @@ class DBPMixin:
                 inputs = _all_gather_rows(inputs) if isinstance(inputs, torch.Tensor) else tuple(
                     _all_gather_rows(part) for part in inputs)
             max_step = float('inf') if group['decor_max_step'] is None else group['decor_max_step']
-            settings = (group['decor_lr'], group['kappa'], group['decor_max_change'], max_step)
+            settings = (group['decor_lr'], group['kappa'], group['decor_max_change'], max_step,
+                        MATMUL_DTYPES[group['decor_matmul_dtype']])
             if not group['decor_batch']:
                 settings += (layer,)  # a group of its own
             work.setdefault(settings, []).append((layer, layer.decorrelation_problems(inputs)))
-        for (lr, kappa, max_change, max_step, *_), layers in work.items():
+        for (lr, kappa, max_change, max_step, matmul_dtype, *_), layers in work.items():
             step = grouped_decorrelation_update_(
                 [problem for _, problems in layers for problem in problems], lr=lr, kappa=kappa,
-                max_rel_change=max_change, max_step=max_step, decorrelated=True)
+                max_rel_change=max_change, max_step=max_step, decorrelated=True, matmul_dtype=matmul_dtype)
             record_decorrelation([layer for layer, _ in layers], step)
 
     def step(self, closure=None):
