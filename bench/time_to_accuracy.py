@@ -75,6 +75,9 @@ METHODS = {
     # fewer sampled patches (section 24e): a kron factor still learns from 1024 vectors (4 per patch at 256)
     **{f'dbp_kron_dlr3e-3_n{n}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', '3e-3',
                                                           '--decor-samples', str(n)]) for n in (256,)},
+    # the R update's and the sample's products (R's of 128+ rows) with bfloat16 operands (section 32)
+    'dbp_kron_dlr3e-3_bf16': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', '3e-3',
+                                                      '--decor-matmul-dtype', 'bfloat16']),
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
