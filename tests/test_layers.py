@@ -58,6 +58,9 @@ def test_sampled_patches_are_unfold_patches(cfg):
     assert some.shape == (5, ref.shape[1])
     # without replacement: all drawn rows are distinct patches
     assert torch.unique(some, dim=0).shape[0] == 5
+    # a few patches gather their pixels alone, many copy the whole input first (`_pixel_rows`): both are unfold's
+    for drawn in (some, sample_conv_patches(x, conv, num_samples=60)):
+        assert (drawn[:, None, :] - ref[None]).abs().amax(-1).min(1).values.max() < 1e-6
 
 
 @pytest.mark.parametrize('total,n', [(400, 10), (40, 10), (7, 10)])  # the O(n) draw (total > 8 n); randperm

@@ -182,7 +182,7 @@ def _kron_z_columns_and_rows(Rc, Rs, P, num_vectors):
 
 @pytest.mark.parametrize('channel_mixed', [False, True], ids=['x', 'Rc_x'])
 @pytest.mark.parametrize('config', CONV_CONFIGS)
-@pytest.mark.parametrize('num_patches', [37, 300, 10 ** 6])
+@pytest.mark.parametrize('num_patches', [8, 37, 300, 10 ** 6])  # 8 x s entries gather their pixels alone
 def test_sample_kron_factor_inputs_are_those_of_the_sampled_patches(config, num_patches, channel_mixed):
     """The fused sampler (channel vectors by embedding_bag, spatial vectors from the gathered rows) gives the
     columns and rows of z = R_c P R_s^T of the patches sample_conv_patches draws with the same seed (kron_factor_inputs

@@ -124,11 +124,19 @@ def _draw_patches(
 
 def _pixel_rows(
         x: torch.Tensor, b: torch.Tensor, pixel: torch.Tensor, dtype: Optional[torch.dtype] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x's pixels as rows of C channels with a zero row last, the row of each (image b, table entry pixel)): one
-    copy of x, so that a patch's channel vectors are contiguous rows and padded positions read the zero row."""
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(pixels as rows of C channels, the row of each (image b, table entry pixel) or None), so that a patch's
+    channel vectors are contiguous rows and padded positions read zeros. When the n x s entries are fewer than half
+    of x's pixels (a 1x1 conv's sample, a large input), the rows are those entries' pixels alone, gathered in order
+    (padded ones zeroed; rows None: entry k is row k); otherwise one copy of all of x's pixels with a zero row last,
+    which padded positions index."""
     B, C, H, W = x.shape
-    pixels = torch.empty(B * H * W + 1, C, dtype=dtype or x.dtype, device=x.device)
+    dtype = dtype or x.dtype
+    if 2 * pixel.numel() < B * H * W:
+        inside = pixel.clamp_max(H * W - 1)
+        pixels = x.flatten(2).permute(0, 2, 1)[b[:, None].expand_as(pixel).reshape(-1), inside.reshape(-1)]
+        return pixels.to(dtype).masked_fill_((pixel >= H * W).reshape(-1, 1), 0), None
+    pixels = torch.empty(B * H * W + 1, C, dtype=dtype, device=x.device)
     pixels[:-1].view(B, H, W, C).copy_(x.permute(0, 2, 3, 1))
     pixels[-1].zero_()
     return pixels, (pixel + (b * (H * W))[:, None]).clamp_max_(B * H * W)
@@ -173,7 +181,7 @@ def sample_conv_patches(
         patches.masked_fill_((pixel >= H * W)[..., None], 0)
     else:  # one fast row gather
         pixels, rows = _pixel_rows(x, b, pixel)
-        patches = pixels.index_select(0, rows.reshape(-1)).view(n, s, C)
+        patches = (pixels if rows is None else pixels.index_select(0, rows.reshape(-1))).view(n, s, C)
     patches = patches.transpose(1, 2)  # (n, channel, kernel position), a view
     return patches.reshape(n, cg * s) if flat else patches
 
@@ -192,7 +200,7 @@ def sample_kron_factor_inputs(
     """`kron_factor_inputs(R_channel, R_spatial, sample_conv_patches(x, conv, num_patches, generator, flat=False),
     num_vectors, channel_mixed, matmul_dtype)`: the same vectors up to float rounding, with one pass over the
     patches fewer.
-    Without groups the vectors sum_k R_s[j, k] x[pixel k] are one `embedding_bag` over the copied pixel rows (summed
+    Without groups the vectors sum_k R_s[j, k] x[pixel k] are one `embedding_bag` over the pixel rows (summed
     while gathering); the rows R_c[i] x[pixel k] read the gathered n x s x c patches, or, when x is R_c x already
     (channel_mixed), are gathered as they are (n x s x q numbers)."""
     if conv.groups > 1:
@@ -201,6 +209,9 @@ def sample_kron_factor_inputs(
     x, b, _, pixel = _draw_patches(x, conv, num_patches, generator)
     n, s = pixel.shape
     pixels, rows = _pixel_rows(x, b, pixel, torch.float32)
+    in_order = rows is None  # the entries' own pixels, entry k in row k
+    if in_order:
+        rows = torch.arange(n * s, device=x.device).view(n, s)
     positions_s, positions_c = (kron_vector_positions(n, size, num_vectors, x.device)
                                 for size in (s, R_channel.shape[0]))
     R_c, R_s = R_channel.float(), R_spatial.float()
@@ -211,7 +222,7 @@ def sample_kron_factor_inputs(
         spatial_vectors = pixels[rows[:, None, :], positions_c[:, :, None]]
     else:
         channel_vectors = rounded_product(channel_vectors, R_c.mT, operand_dtype(R_c.shape[0], matmul_dtype))
-        patches = pixels.index_select(0, rows.reshape(-1)).view(n, s, -1)
+        patches = (pixels if in_order else pixels.index_select(0, rows.reshape(-1))).view(n, s, -1)
         spatial_vectors = torch.einsum('nqc,nsc->nqs', R_c[positions_c], patches)
     return channel_vectors, spatial_vectors.reshape(-1, s) @ R_s.mT
 
