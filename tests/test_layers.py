@@ -336,6 +336,13 @@ def test_bfloat16_products_change_the_step_by_their_rounding_only(n, lr):
     assert grouped.applied.all()
 
 
+def test_update_builds_no_autograd_graph():
+    """R is never trained by autograd: an update from inputs that require grad leaves R and the step without one."""
+    R = torch.eye(12)
+    step = decorrelation_update_(R, torch.randn(40, 12, requires_grad=True), lr=1e-3, kappa=0.0)
+    assert not R.requires_grad and not step.loss.requires_grad
+
+
 def test_update_refuses_a_matmul_dtype_that_could_overflow():
     with pytest.raises(ValueError, match='matmul_dtype'):
         decorrelation_update_(torch.eye(4), torch.randn(8, 4), lr=1e-3, kappa=0.0, matmul_dtype=torch.float16)

@@ -229,7 +229,6 @@ def offdiag_correlation(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return _offdiag_sq_mean(z * z.square().mean(-2, keepdim=True).add(eps).rsqrt()).sqrt()
 
 
-@torch.no_grad()
 def operand_dtype(d: int, matmul_dtype: torch.dtype) -> torch.dtype:
     """The dtype the products of a d-dimensional problem round their operands to: matmul_dtype, but float32 below
     MATMUL_DTYPE_MIN_DIM (there rounding costs more than the product saves)."""
@@ -241,11 +240,14 @@ def operand_dtype(d: int, matmul_dtype: torch.dtype) -> torch.dtype:
 def rounded_product(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A @ B in float32 from operands rounded to dtype (float32: the plain product); two batches of matrices by
     one bmm."""
-    A, B = A.to(dtype), B.to(dtype)
+    rounded = not A.dtype == B.dtype == dtype == torch.float32  # (the float32 default dispatches no conversions)
+    if rounded:
+        A, B = A.to(dtype), B.to(dtype)
     product = torch.bmm(A, B) if A.ndim == B.ndim == 3 else A @ B
-    return product.float()
+    return product.float() if rounded else product
 
 
+@torch.no_grad()
 def decorrelation_update_(
         R: torch.Tensor,
         inputs: torch.Tensor,
