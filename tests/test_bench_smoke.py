@@ -180,3 +180,14 @@ def test_op_counts_smoke(tmp_path):
         assert 0 < results['dbp'][phase]['dispatch_ops'] <= results['dbp'][phase]['ops']
     assert results['dbp']['step']['ops'] > results['bp']['step']['ops'] and 'self CPU' in out  # R is updated
     assert results['dbp']['step']['dispatch_ops'] > results['bp']['step']['dispatch_ops']
+
+
+def test_matmul_dtype_smoke(tmp_path):
+    out = _run('matmul_dtype.py', '--dims', '8', '130', '--batches', '2', '--samples', '64', '--repeats', '1',
+               '--out', str(tmp_path / 'm'))
+    data = json.loads((tmp_path / 'm.json').read_text())
+    assert [(row['batch'], row['d']) for row in data['rows']] == [(2, 8), (2, 130)]
+    for row in data['rows']:
+        assert set(row['median_s']) == {'update_float32', 'update_bfloat16', 'gemm_float32', 'gemm_bfloat16'}
+        assert row['update_speedup'] > 0 and min(row['gemm_gflops'].values()) > 0
+    assert data['meta']['matmul_dtype_min_dim'] == 128 and 'GFLOP/s' in out

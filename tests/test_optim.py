@@ -92,7 +92,8 @@ def test_unknown_optimizer_name_fails():
     (dict(decor_max_step='inf'), 'decor_max_step'), (dict(decor_max_step=True), 'decor_max_step'),
     (dict(decor_max_change=None), 'decor_max_change'), (dict(decor_vectors_per_patch=0), 'decor_vectors_per_patch'),
     (dict(decor_vectors_per_patch=1.5), 'decor_vectors_per_patch'),
-    (dict(decor_matmul_dtype='float16'), 'decor_matmul_dtype'), (dict(decor_matmul_dtype=torch.bfloat16), 'decor_matmul_dtype'),
+    (dict(decor_matmul_dtype='float16'), 'decor_matmul_dtype'),
+    (dict(decor_matmul_dtype=torch.bfloat16), 'decor_matmul_dtype'),
 ])
 def test_bad_values_raise_value_error_naming_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=arg):

@@ -37,12 +37,14 @@ keep it), then with n >= d X (n d^2), G R (d^3) and everything else (the cap, th
 kappa) from the d x d matrix X alone, a few dozen tensor operations; with n < d, X is never formed:
 X M = (1/n) Z^T (Z M) (2 n d^2 flops for the update), and the
 off-diagonal statistics (logged loss, correlation, auto kappa) take the Gram matrix of the first LOG_STAT_ROWS rows.
-Both give the same R up to float rounding. matmul_dtype=torch.bfloat16 rounds the operands of these products (z, G,
-R, never R itself or the step) to bfloat16, with float32 results: an error of about 2^-9 relative per entry, far below
-the sampling noise of X (about 1 / sqrt(n)), for 4x faster products where the hardware multiplies bfloat16 natively
-(BENCHMARKS section 32); problems narrower than MATMUL_DTYPE_MIN_DIM multiply in float32. Every function here also takes a batch of equal-shape problems
+Both give the same R up to float rounding. Every function here also takes a batch of equal-shape problems
 (R (..., d, d), inputs (..., n, d)), and `grouped_decorrelation_update_` updates many layers' R in one batched call
 per shape: a small model's update is bound by the number of tensor operations, not by flops.
+
+matmul_dtype=torch.bfloat16 rounds the operands of these products (z, G and R; never R itself or the step) to
+bfloat16, with float32 results: an error of about 2^-9 relative per entry, far below the sampling noise of X (about
+1 / sqrt(n)), for products about 4x faster where the hardware multiplies bfloat16 natively (BENCHMARKS section 32).
+Problems narrower than MATMUL_DTYPE_MIN_DIM multiply in float32 (there the rounding costs more than it saves).
 
 Structured R for a conv, whose input patch is a (c x s) matrix P (c = channels per group, s = kh * kw):
     full      R is (c s) x (c s): the paper's rule on flattened patches
