@@ -194,8 +194,9 @@ group.add_argument('--decor-vectors-per-patch', type=int, default=None,
                    help='kron R: vectors per factor drawn from each sampled patch (decor_samples / this many patches)')
 group.add_argument('--decor-max-step', type=float, default=None,
                    help='step cap of the R update: decor_lr * |lambda|_max <= this (inf = no cap)')
-group.add_argument('--decor-matmul-dtype', default=None, choices=('float32', 'bfloat16'),
-                   help='operand dtype of the R update\'s matrix products (bfloat16: faster where the hardware has it)')
+group.add_argument('--decor-matmul-dtype', default=None, choices=('float32', 'bfloat16', 'auto'),
+                   help='operand dtype of the R update\'s matrix products (bfloat16: faster where the hardware has '
+                        'it; auto: bfloat16 there, float32 elsewhere)')
 
 # Low-memory conv gradients (XConv: multi-channel randomized trace estimation, timm_dbp.sketch_convs)
 group = parser.add_argument_group('Low-memory gradient parameters')

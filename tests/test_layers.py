@@ -343,6 +343,19 @@ def test_update_builds_no_autograd_graph():
     assert not R.requires_grad and not step.loss.requires_grad
 
 
+def test_matmul_dtype_names(monkeypatch):
+    """'auto' is bfloat16 where the hardware multiplies it natively, float32 elsewhere; unknown names are refused."""
+    from timm_dbp.layers import decorrelation
+    cpu = torch.device('cpu')
+    assert decorrelation.matmul_dtype_named('bfloat16', cpu) == torch.bfloat16
+    assert decorrelation.matmul_dtype_named('float32', cpu) == torch.float32
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(decorrelation, '_native_bfloat16', lambda *device, native=native: native)
+        assert decorrelation.matmul_dtype_named('auto', cpu) == expected
+    with pytest.raises(ValueError, match='decor_matmul_dtype'):
+        decorrelation.matmul_dtype_named('float16', cpu)
+
+
 def test_update_refuses_a_matmul_dtype_that_could_overflow():
     with pytest.raises(ValueError, match='matmul_dtype'):
         decorrelation_update_(torch.eye(4), torch.randn(8, 4), lr=1e-3, kappa=0.0, matmul_dtype=torch.float16)

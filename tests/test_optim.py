@@ -92,7 +92,7 @@ def test_unknown_optimizer_name_fails():
     (dict(decor_max_step='inf'), 'decor_max_step'), (dict(decor_max_step=True), 'decor_max_step'),
     (dict(decor_max_change=None), 'decor_max_change'), (dict(decor_vectors_per_patch=0), 'decor_vectors_per_patch'),
     (dict(decor_vectors_per_patch=1.5), 'decor_vectors_per_patch'),
-    (dict(decor_matmul_dtype='float16'), 'decor_matmul_dtype'),
+    (dict(decor_matmul_dtype='float16'), 'decor_matmul_dtype'), (dict(decor_matmul_dtype='Auto'), 'decor_matmul_dtype'),
     (dict(decor_matmul_dtype=torch.bfloat16), 'decor_matmul_dtype'),
 ])
 def test_bad_values_raise_value_error_naming_the_argument(kwargs, arg):
@@ -144,6 +144,36 @@ def test_optimizer_updates_every_layer_as_its_own_update_would(batch, matmul_dty
                 torch.testing.assert_close(getattr(layer, key), getattr(twin, key), msg=f'{name} {key}')
             else:
                 assert torch.equal(getattr(layer, key), getattr(twin, key)), f'{name} {key}'
+
+
+def _one_decorrelation_step(matmul_dtype):
+    model = _model(name='dbp_resnet18')  # R's of 64 to 512 rows: both sides of MATMUL_DTYPE_MIN_DIM
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.0, decor_lr=0.05, decor_matmul_dtype=matmul_dtype)
+    _train(model, opt, range(1))
+    return {name: (layer.decor_matrix.clone(), layer.decor_spatial.clone()) for name, layer in decor_layers(model)}
+
+
+def test_bfloat16_products_reach_every_wide_R_and_only_those(monkeypatch):
+    """decor_matmul_dtype='bfloat16' changes every R of 128 rows or more by its rounding only, and leaves the
+    narrower ones (and every spatial factor) bitwise as in float32; 'auto' is bfloat16 where the hardware has it."""
+    from timm_dbp.layers import decorrelation
+    start = {name: layer.decor_matrix.clone() for name, layer in decor_layers(_model(name='dbp_resnet18'))}
+    runs = {dtype: _one_decorrelation_step(dtype) for dtype in ('float32', 'bfloat16')}
+    wide = 0
+    for name, (R32, S32) in runs['float32'].items():
+        R16, S16 = runs['bfloat16'][name]
+        assert torch.equal(S16, S32), name
+        if R32.shape[0] < decorrelation.MATMUL_DTYPE_MIN_DIM:
+            assert torch.equal(R16, R32), name
+        else:
+            wide += 1
+            step = (R32 - start[name]).norm()
+            assert step > 0 and 0 < (R16 - R32).norm() < 2e-2 * step, name
+    assert wide >= 8
+    for native, expected in ((True, 'bfloat16'), (False, 'float32')):
+        monkeypatch.setattr(decorrelation, '_native_bfloat16', lambda *device, native=native: native)
+        auto = _one_decorrelation_step('auto')
+        assert all(torch.equal(auto[name][0], runs[expected][name][0]) for name in auto), native
 
 
 def test_vectors_per_patch_reaches_the_layers_of_its_param_group(monkeypatch):

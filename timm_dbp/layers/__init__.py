@@ -8,4 +8,4 @@ from .sketched_conv import (
 from .decorrelation import (
     MATMUL_DTYPES, DecorrelationStep, auto_kappa, combine_kron_steps, decorrelation_loss, decorrelation_update_,
     fused_weight, grouped_decorrelation_update_, kron_decorrelation_update_, kron_factor_inputs, kron_vector_positions,
-    offdiag_correlation, times_small_matrix)
+    matmul_dtype_named, offdiag_correlation, times_small_matrix)

@@ -37,8 +37,8 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .decorrelation import (
-    MATMUL_DTYPES, DecorrelationStep, _index_tensor, combine_kron_steps, fused_weight, grouped_decorrelation_update_,
-    kron_factor_inputs, kron_vector_positions, operand_dtype, rounded_product)
+    DecorrelationStep, _index_tensor, combine_kron_steps, fused_weight, grouped_decorrelation_update_,
+    kron_factor_inputs, kron_vector_positions, matmul_dtype_named, operand_dtype, rounded_product)
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
@@ -426,7 +426,7 @@ class DecorLayer:
             generator = torch.Generator(device=x.device)
             generator.manual_seed(self.decor_seed)
         x = x.detach()
-        matmul_dtype = MATMUL_DTYPES[self.decor_matmul_dtype]
+        matmul_dtype = matmul_dtype_named(self.decor_matmul_dtype, x.device)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # z in float32, also under AMP
             if self.decor_structure == 'channel':  # a conv whose R_c acts on pixel vectors
                 z = sample_pixels(x, self.groups, self.decor_samples, generator).float()

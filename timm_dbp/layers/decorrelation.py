@@ -63,7 +63,7 @@ __all__ = [
     'kron_factor_inputs', 'kron_vector_positions', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa',
     'offdiag_correlation', 'fused_weight', 'times_small_matrix', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM',
     'KRON_MIN_VECTORS', 'SMALL_PRODUCT_CONV_MIN', 'MATMUL_DTYPES', 'MATMUL_DTYPE_MIN_DIM',
-    'operand_dtype', 'rounded_product']
+    'matmul_dtype_named', 'operand_dtype', 'rounded_product']
 
 LOG_STAT_ROWS = 256  # rows of a sample (n < d) used for the logged loss / correlation (cost n^2 d)
 POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
@@ -229,6 +229,31 @@ def offdiag_correlation(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         z: Inputs, shape (..., n, d).
     """
     return _offdiag_sq_mean(z * z.square().mean(-2, keepdim=True).add(eps).rsqrt()).sqrt()
+
+
+def matmul_dtype_named(name: str, device: torch.device) -> torch.dtype:
+    """The operand dtype a `decor_matmul_dtype` name stands for on `device`: a key of MATMUL_DTYPES, or 'auto' =
+    bfloat16 where the hardware multiplies it natively (CUDA compute capability 8.0 or later; a CPU with AVX512_BF16
+    or AMX), float32 elsewhere (emulated bfloat16 is slower than float32)."""
+    if name == 'auto':
+        return torch.bfloat16 if _native_bfloat16(device.type, device.index) else torch.float32
+    if name not in MATMUL_DTYPES:
+        raise ValueError(f"decor_matmul_dtype must be one of {', '.join(MATMUL_DTYPES)} or 'auto', got {name!r}")
+    return MATMUL_DTYPES[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bfloat16(device_type: str, index: Optional[int]) -> bool:
+    if device_type == 'cuda':
+        return torch.cuda.get_device_capability(index)[0] >= 8
+    if device_type == 'cpu':
+        try:
+            with open('/proc/cpuinfo') as f:
+                flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+        except OSError:  # not Linux: assume no bfloat16 units
+            return False
+        return 'avx512_bf16' in flags or 'amx_bf16' in flags
+    return False
 
 
 def operand_dtype(d: int, matmul_dtype: torch.dtype) -> torch.dtype:

@@ -22,10 +22,11 @@ DecorConv2d / DecorLinear. DBP hyperparameters are param group entries, so group
                       step (timm_dbp.layers.decorrelation), so one decor_lr suits narrow and wide layers; None or
                       inf = off (the paper's plain rule)
     decor_max_change  updates with ||dR|| > decor_max_change * ||R|| are refused (counted as skipped)
-    decor_matmul_dtype  'float32' or 'bfloat16': operand dtype of the large products of the R update and of the
-                      sample z = R x (float32 results, R kept in float32; R's narrower than 128 always multiply in
-                      float32); bfloat16 products run about 4x faster where the hardware has them and round far below
-                      the sample's noise (BENCHMARKS section 32)
+    decor_matmul_dtype  'float32', 'bfloat16' or 'auto': operand dtype of the large products of the R update and
+                      of the sample z = R x (float32 results, R kept in float32; R's narrower than 128 always multiply
+                      in float32); bfloat16 products run about 4x faster where the hardware has them and round far
+                      below the sample's noise (BENCHMARKS section 32); 'auto' = bfloat16 where the device multiplies
+                      it natively, float32 elsewhere (timm_dbp.layers.matmul_dtype_named)
     decor_batch       update equal-shape R's (and kron factors) of all layers as one batch, up to 512 x 512 (fewer,
                       larger tensor operations; the same rule per layer, rounded differently); False updates layer
                       by layer, so each layer's R is bitwise independent of which other layers this optimizer holds
@@ -44,7 +45,7 @@ from torch.optim import Optimizer
 
 from timm_dbp.layers import (
     DEFAULT_VECTORS_PER_PATCH, MATMUL_DTYPES, DecorLayer, find_decor_layer, grouped_decorrelation_update_,
-    record_decorrelation)
+    matmul_dtype_named, record_decorrelation)
 
 __all__ = ['with_dbp', 'is_dbp_optimizer', 'dbp_optimizer_of', 'NoDecorLayersWarning', 'DBP_DEFAULTS']
 
@@ -81,8 +82,8 @@ def _validate_dbp_args(args: Dict[str, Any]) -> None:
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
-    if not (isinstance(args['decor_matmul_dtype'], str) and args['decor_matmul_dtype'] in MATMUL_DTYPES):
-        raise ValueError(f"decor_matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, "
+    if not (isinstance(args['decor_matmul_dtype'], str) and args['decor_matmul_dtype'] in (*MATMUL_DTYPES, 'auto')):
+        raise ValueError(f"decor_matmul_dtype must be one of {', '.join(MATMUL_DTYPES)} or 'auto', "
                          f"got {args['decor_matmul_dtype']!r}")
     if not isinstance(args['decor_batch'], bool):
         raise ValueError(f"decor_batch must be True or False, got {args['decor_batch']!r}")
@@ -200,7 +201,7 @@ class DBPMixin:
                     _all_gather_rows(part) for part in inputs)
             max_step = float('inf') if group['decor_max_step'] is None else group['decor_max_step']
             settings = (group['decor_lr'], group['kappa'], group['decor_max_change'], max_step,
-                        MATMUL_DTYPES[group['decor_matmul_dtype']])
+                        matmul_dtype_named(group['decor_matmul_dtype'], layer.decor_matrix.device))
             if not group['decor_batch']:
                 settings += (layer,)  # a group of its own
             work.setdefault(settings, []).append((layer, layer.decorrelation_problems(inputs)))
