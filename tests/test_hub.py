@@ -124,7 +124,7 @@ def test_model_card_metadata_and_facts(dbp_folder, run_dir, checkpoint, tiny_fmn
     text = card.text
     assert f'| published | {checkpoint["epoch"]} | {top1:.2f} | {top5:.2f} |' in text
     for fact in ('| decor_lr | 0.01 |', '| kappa | 0.5 |', '| decor_samples | 256 |', '| decor_interval | 2 |',
-                 '| decor_max_step | 0.5 |', '| decor_matmul_dtype | float32 |',
+                 '| decor_max_step | 0.5 |', '| decor_matmul_dtype | auto |',
                  '| R structure (dbp_structure) | kron |', f'{float(row["train_decor_corr"]):.4f}',
                  'Published in **DBP form**', 'DBP layers: 16', '32 images of the Fashion-MNIST test split',
                  "timm.create_model('hf-hub:timm-dbp-test/fmnist', pretrained=True)", 'import timm_dbp',
@@ -159,8 +159,10 @@ def test_dbp_settings_of_a_run_from_before_the_step_cap_say_it_was_off():
     assert publish._dbp_settings(dict(decor_vectors_per_patch=4), {})['decor_vectors_per_patch'] == 4
     newest = publish._dbp_settings(dict(decor_lr=3e-3, decor_max_step=0.5, decor_vectors_per_patch=None), {})
     assert newest['decor_vectors_per_patch'] == DBP_DEFAULTS['decor_vectors_per_patch'] == 1
-    # nor decor_matmul_dtype: their R updates multiplied in float32
+    # nor decor_matmul_dtype: their R updates multiplied in float32; newer runs show the flag's value or the default
     assert old['decor_matmul_dtype'] == newest['decor_matmul_dtype'] == 'float32'
+    unset = publish._dbp_settings(dict(decor_matmul_dtype=None), {})['decor_matmul_dtype']
+    assert unset == DBP_DEFAULTS['decor_matmul_dtype'] == 'auto'
     assert publish._dbp_settings(dict(decor_matmul_dtype='bfloat16'), {})['decor_matmul_dtype'] == 'bfloat16'
 
 
