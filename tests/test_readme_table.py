@@ -40,6 +40,8 @@ def test_readme_dbp_options_table_shows_the_library_defaults():
                 if len(cells) > 3}
     for name, default in timm_dbp.DBP_DEFAULTS.items():
         assert name in rows, f'README has no row for DBP option {name}'
-        shown = rows[name] if isinstance(default, bool) else float(rows[name])
-        expected = str(default) if isinstance(default, bool) else float(default)
+        if isinstance(default, (bool, str)):  # True / False, 'auto'
+            shown, expected = rows[name].strip('\'"'), str(default)
+        else:
+            shown, expected = float(rows[name]), float(default)
         assert shown == expected, f'README says {name} defaults to {rows[name]}, the code {default}'
