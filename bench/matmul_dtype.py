@@ -13,11 +13,12 @@ paying (the conversions cost more than the product saves). Writes JSON.
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from timm_dbp.layers import decorrelation
+
+from _timing import interleaved_times  # bench/_timing.py
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--dims', nargs='+', type=int, default=[9, 32, 64, 96, 128, 192, 256, 512, 1024])
@@ -25,12 +26,6 @@ parser.add_argument('--batches', nargs='+', type=int, default=[1, 4])
 parser.add_argument('--samples', type=int, default=1024, help='decorrelated inputs per R (decor_samples)')
 parser.add_argument('--repeats', type=int, default=21)
 parser.add_argument('--out', default=None, help='output prefix: writes <out>.json')
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main():
@@ -51,12 +46,7 @@ def main():
                         R.clone(), z, matmul_dtype=dtype, **rule))
                     for name, dtype in decorrelation.MATMUL_DTYPES.items()}
                 variants.update(gemm_float32=lambda: torch.bmm(z.mT, z), gemm_bfloat16=lambda: torch.bmm(z16.mT, z16))
-                times = {name: [] for name in variants}
-                for round_ in range(args.repeats + 1):
-                    for name, fn in variants.items():
-                        t = timed(fn)
-                        if round_:  # round 0 warms up
-                            times[name].append(t)
+                times = interleaved_times(variants, args.repeats)
                 median = {name: statistics.median(t) for name, t in times.items()}
                 flops = 2 * batch * args.samples * d * d
                 rows.append(dict(batch=batch, d=d, n=args.samples, median_s=median, raw_s=times,

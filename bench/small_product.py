@@ -13,7 +13,6 @@ and a plain copy of W for scale (what a memory-bound product would cost at least
 import argparse
 import json
 import statistics
-import time
 
 import timm
 import torch
@@ -22,16 +21,12 @@ import timm_dbp  # noqa: F401  registers dbp_ models
 from timm_dbp import decor_layers
 from timm_dbp.layers import times_small_matrix
 
+from _timing import interleaved_times  # bench/_timing.py
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--model', default='resnet18', help='the DBP twin dbp_<model> gives the weight shapes')
 parser.add_argument('--repeats', type=int, default=21)
 parser.add_argument('--out', default=None, help='output prefix: writes <out>.json')
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main():
@@ -51,12 +46,7 @@ def main():
             'small_fwd_bwd': lambda: torch.autograd.grad(times_small_matrix(W, R_s), W, grad),
             'copy': lambda: W.detach().clone(),
         }
-        times = {name: [] for name in variants}
-        for round_ in range(args.repeats + 1):
-            for name, fn in variants.items():
-                t = timed(fn)
-                if round_:  # round 0 warms up
-                    times[name].append(t)
+        times = interleaved_times(variants, args.repeats)
         median = {name: statistics.median(t) for name, t in times.items()}
         rows.append(dict(weight=[out, c, s], elements=out * c * s, median_s=median, raw_s=times,
                          fwd_speedup=median['matmul_fwd'] / median['small_fwd'],
