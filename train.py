@@ -66,6 +66,7 @@ from timm.utils import unwrap_model
 import timm_dbp
 from timm_dbp.analytic import analytic_classifier
 from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
+from timm_dbp.layers import MATMUL_DTYPE_NAMES
 from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
 from timm_dbp.pipeline import DecoupledTrainer, split_model
 from timm_dbp.utils.checkpoint import (
@@ -194,7 +195,7 @@ group.add_argument('--decor-vectors-per-patch', type=int, default=None,
                    help='kron R: vectors per factor drawn from each sampled patch (decor_samples / this many patches)')
 group.add_argument('--decor-max-step', type=float, default=None,
                    help='step cap of the R update: decor_lr * |lambda|_max <= this (inf = no cap)')
-group.add_argument('--decor-matmul-dtype', default=None, choices=('float32', 'bfloat16', 'auto'),
+group.add_argument('--decor-matmul-dtype', default=None, choices=MATMUL_DTYPE_NAMES,
                    help='operand dtype of the R update\'s matrix products (bfloat16: faster where the hardware has '
                         'it; auto: bfloat16 there, float32 elsewhere)')
 

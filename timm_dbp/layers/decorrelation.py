@@ -62,13 +62,14 @@ __all__ = [
     'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
     'kron_factor_inputs', 'kron_vector_positions', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa',
     'offdiag_correlation', 'fused_weight', 'times_small_matrix', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM',
-    'KRON_MIN_VECTORS', 'SMALL_PRODUCT_CONV_MIN', 'MATMUL_DTYPES', 'MATMUL_DTYPE_MIN_DIM',
+    'KRON_MIN_VECTORS', 'SMALL_PRODUCT_CONV_MIN', 'MATMUL_DTYPES', 'MATMUL_DTYPE_NAMES', 'MATMUL_DTYPE_MIN_DIM',
     'matmul_dtype_named', 'operand_dtype', 'rounded_product']
 
 LOG_STAT_ROWS = 256  # rows of a sample (n < d) used for the logged loss / correlation (cost n^2 d)
 POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
 BATCH_MAX_DIM = 512  # `grouped_decorrelation_update_` batches equal-shape R's up to this size
 MATMUL_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}  # of the products (float16 could overflow X)
+MATMUL_DTYPE_NAMES = (*MATMUL_DTYPES, 'auto')  # the values of decor_matmul_dtype (`matmul_dtype_named`)
 MATMUL_DTYPE_MIN_DIM = 128  # narrower problems multiply in float32: operation count, not flops (BENCHMARKS 32)
 
 
@@ -238,7 +239,7 @@ def matmul_dtype_named(name: str, device: torch.device) -> torch.dtype:
     if name == 'auto':
         return torch.bfloat16 if _native_bfloat16(device.type, device.index) else torch.float32
     if name not in MATMUL_DTYPES:
-        raise ValueError(f"decor_matmul_dtype must be one of {', '.join(MATMUL_DTYPES)} or 'auto', got {name!r}")
+        raise ValueError(f"decor_matmul_dtype must be one of {', '.join(MATMUL_DTYPE_NAMES)}, got {name!r}")
     return MATMUL_DTYPES[name]
 
 

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from timm_dbp.layers import (
-    DEFAULT_VECTORS_PER_PATCH, MATMUL_DTYPES, DecorLayer, find_decor_layer, grouped_decorrelation_update_,
+    DEFAULT_VECTORS_PER_PATCH, MATMUL_DTYPE_NAMES, DecorLayer, find_decor_layer, grouped_decorrelation_update_,
     matmul_dtype_named, record_decorrelation)
 
 __all__ = ['with_dbp', 'is_dbp_optimizer', 'dbp_optimizer_of', 'NoDecorLayersWarning', 'DBP_DEFAULTS']
@@ -64,7 +64,6 @@ DBP_DEFAULTS: Dict[str, Any] = dict(
 )
 
 
-
 _SEED_MOD = 2 ** 62
 
 
@@ -82,8 +81,8 @@ def _validate_dbp_args(args: Dict[str, Any]) -> None:
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
-    if not (isinstance(args['decor_matmul_dtype'], str) and args['decor_matmul_dtype'] in (*MATMUL_DTYPES, 'auto')):
-        raise ValueError(f"decor_matmul_dtype must be one of {', '.join(MATMUL_DTYPES)} or 'auto', "
+    if not (isinstance(args['decor_matmul_dtype'], str) and args['decor_matmul_dtype'] in MATMUL_DTYPE_NAMES):
+        raise ValueError(f"decor_matmul_dtype must be one of {', '.join(MATMUL_DTYPE_NAMES)}, "
                          f"got {args['decor_matmul_dtype']!r}")
     if not isinstance(args['decor_batch'], bool):
         raise ValueError(f"decor_batch must be True or False, got {args['decor_batch']!r}")
