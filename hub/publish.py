@@ -275,8 +275,7 @@ _SETTINGS_OF_OLDER_RUNS = {'decor_max_step': None, 'decor_vectors_per_patch': 1,
 def _dbp_settings(args: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str, Any]:
     opt_args = dict(args.get('opt_args') or {})
     settings = {}
-    for name in ('decor_lr', 'kappa', 'decor_samples', 'decor_interval', 'decor_max_step', 'decor_vectors_per_patch',
-                 'decor_matmul_dtype'):
+    for name in train.DBP_SHORTCUTS:  # the settings train.py takes as --decor-* / --kappa flags
         value = args.get(name)
         settings[name] = value if value is not None else opt_args.get(name, DBP_DEFAULTS[name])
     for name, before in _SETTINGS_OF_OLDER_RUNS.items():  # args.yaml from before the option existed
