@@ -11,13 +11,14 @@ import argparse
 import copy
 import json
 import statistics
-import time
 
 import timm
 import torch
 
 import timm_dbp
 from timm_dbp import decor_layers
+
+from _timing import interleaved_times  # bench/_timing.py
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--model', default='resnet18')
@@ -44,18 +45,9 @@ def main():
     for model in models.values():
         model.to(device).eval()
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    times = {name: [] for name in models}
     with torch.no_grad():
-        for round_idx in range(args.repeats + 1):
-            for name, model in models.items():
-                if device.type == 'cuda':
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                model(x)
-                if device.type == 'cuda':
-                    torch.cuda.synchronize()
-                if round_idx > 0:
-                    times[name].append(time.perf_counter() - t0)
+        times = interleaved_times({name: (lambda m=model: m(x)) for name, model in models.items()}, args.repeats,
+                                  torch.cuda.synchronize if device.type == 'cuda' else None)
     med = {name: statistics.median(t) for name, t in times.items()}
     rate = {name: args.batch_size / m for name, m in med.items()}
     for name in models:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import timm_dbp  # noqa: F401  registers dbp_ models
 from timm_dbp import DBP_DEFAULTS, decor_layers
 
+from _timing import interleaved_times  # bench/_timing.py
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--config', default='resnet18:64:64', help='model:img_size:batch_size (DBP twin: dbp_<model>)')
 parser.add_argument('--repeats', type=int, default=7)
@@ -71,13 +73,9 @@ def main():
     rows = []
     for n, layer in layers:
         x = inputs[n]
-        pairs = {True: [], False: []}
-        for _ in range(args.repeats + 1):  # plain / DBP interleaved; the first pair warms up
-            for plain in (True, False):
-                t0 = time.perf_counter()
-                forward_backward(layer, x, plain)
-                pairs[plain].append(time.perf_counter() - t0)
-        plain_s, dbp_s = (statistics.median(pairs[p][1:]) for p in (True, False))
+        pairs = interleaved_times({plain: (lambda p=plain: forward_backward(layer, x, p)) for plain in (True, False)},
+                                  args.repeats)  # plain / DBP interleaved
+        plain_s, dbp_s = (statistics.median(pairs[p]) for p in (True, False))
         layer.decor_samples = args.samples
         with torch.no_grad():
             armed = median_time(lambda: layer(x), args.repeats)
