@@ -78,6 +78,10 @@ METHODS = {
     # the R update's and the sample's products (R's of 128+ rows) with bfloat16 operands (section 32)
     'dbp_kron_dlr3e-3_bf16': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', '3e-3',
                                                       '--decor-matmul-dtype', 'bfloat16']),
+    # layer selection: layers whose input dimension d exceeds 2304 kept plain (resnet18: layer4's three
+    # 512 x 512 x 3 x 3 convs, the largest share of DBP's fusion and update on small inputs; BENCHMARKS 22b, 33c, 34)
+    'dbp_kron_dlr3e-3_bf16_d2304': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', 'dbp_max_dim=2304',
+                                                            '--decor-lr', '3e-3', '--decor-matmul-dtype', 'bfloat16']),
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
