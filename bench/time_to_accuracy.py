@@ -44,6 +44,7 @@ from fashion_mnist_bp_vs_dbp import (  # noqa: E402
 # extra) torch contracts it left to right and asks for a 110 GB buffer, and torch.compile on CPU lowers it the same
 # way, so kron runs eagerly with opt_einsum (TORCHDYNAMO_DISABLE=1: the same maths, uncompiled).
 ADAPTIVE_WD = ['--weight-decay', '0.05']
+BF16_DBP_FLAGS = ['--decor-lr', '3e-3', '--decor-matmul-dtype', 'bfloat16']  # DBP pinned as the section-32 default
 METHODS = {
     'bp_sgd': ('', 'sgd', 0.05, []),
     'bp_adamw': ('', 'adamw', 2e-3, ADAPTIVE_WD),
@@ -76,12 +77,11 @@ METHODS = {
     **{f'dbp_kron_dlr3e-3_n{n}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', '3e-3',
                                                           '--decor-samples', str(n)]) for n in (256,)},
     # the R update's and the sample's products (R's of 128+ rows) with bfloat16 operands (section 32)
-    'dbp_kron_dlr3e-3_bf16': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', '--decor-lr', '3e-3',
-                                                      '--decor-matmul-dtype', 'bfloat16']),
+    'dbp_kron_dlr3e-3_bf16': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', *BF16_DBP_FLAGS]),
     # layer selection: layers whose input dimension d exceeds 2304 kept plain (resnet18: layer4's three
     # 512 x 512 x 3 x 3 convs, the largest share of DBP's fusion and update on small inputs; BENCHMARKS 22b, 33c, 34)
     'dbp_kron_dlr3e-3_bf16_d2304': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', 'dbp_max_dim=2304',
-                                                            '--decor-lr', '3e-3', '--decor-matmul-dtype', 'bfloat16']),
+                                                            *BF16_DBP_FLAGS]),
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
