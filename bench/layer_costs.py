@@ -6,8 +6,10 @@ For every DecorConv2d / DecorLinear of dbp_<model>, on the input that layer sees
     fusion    forward + backward (grads of input and weight) of the DBP layer minus the same of the plain conv /
               linear with the layer's weight (median of --repeats interleaved pairs); `path` says how R is applied:
               'fused' (A = W R is the kernel) or 'input' (R_c on the input, a 1x1 conv; the spatial factor fused)
-    sample    drawing decor_samples inputs from that input (the armed forward's extra work)
+    sample    drawing decor_samples inputs from that input (the armed forward's extra work: armed minus unarmed
+              no-grad forward, interleaved pairs)
     update    one R update from that sample (`update_decorrelation`, decor_lr = 0 so R stays the same)
+Each time is the median of --repeats rounds after one warm-up round (bench/_timing.py).
 
     python bench/layer_costs.py --config resnet18:64:64 --out docs/bench_layer_costs   # JSON with every layer
     python bench/layer_costs.py --config test_resnet:32:128 --repeats 3                 # the Fashion-MNIST model
@@ -15,7 +17,6 @@ For every DecorConv2d / DecorLinear of dbp_<model>, on the input that layer sees
 import argparse
 import json
 import statistics
-import time
 
 import timm
 import torch
@@ -33,13 +34,11 @@ parser.add_argument('--samples', type=int, default=DBP_DEFAULTS['decor_samples']
 parser.add_argument('--out', default=None, help='output prefix: writes <out>.json')
 
 
-def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def armed_forward(layer, x, samples):
+    """One no-grad forward of `layer`, sampling `samples` inputs (0: unarmed, no sample)."""
+    layer.decor_samples = samples
+    layer(x)
+    layer.decor_samples = 0
 
 
 def forward_backward(layer, x, plain):
@@ -59,14 +58,20 @@ def forward_path(layer, x):
 
 def main():
     args = parser.parse_args()
-    name, img, batch = args.config.split(':')
+    if args.samples < 1 or args.repeats < 1:
+        parser.error(f'--samples and --repeats must be at least 1, got {args.samples} and {args.repeats}')
+    try:
+        name, img, batch = args.config.split(':')
+        img, batch = int(img), int(batch)
+    except ValueError:
+        parser.error(f'--config must be model:img_size:batch_size (e.g. resnet18:64:64), got {args.config!r}')
     torch.manual_seed(0)
     model = timm.create_model(f'dbp_{name}', num_classes=100).train()
     layers = list(decor_layers(model))
     inputs = {}
     hooks = [layer.register_forward_pre_hook(lambda _, a, n=n: inputs.__setitem__(n, a[0].detach()))
              for n, layer in layers]
-    model(torch.randn(int(batch), 3, int(img), int(img)))
+    model(torch.randn(batch, 3, img, img))
     for hook in hooks:
         hook.remove()
 
@@ -76,16 +81,13 @@ def main():
         pairs = interleaved_times({plain: (lambda p=plain: forward_backward(layer, x, p)) for plain in (True, False)},
                                   args.repeats)  # plain / DBP interleaved
         plain_s, dbp_s = (statistics.median(pairs[p]) for p in (True, False))
-        layer.decor_samples = args.samples
-        with torch.no_grad():
-            armed = median_time(lambda: layer(x), args.repeats)
-            layer.decor_samples = 0
-            unarmed = median_time(lambda: layer(x), args.repeats)
-            layer.decor_samples = args.samples
-            layer(x)
-        layer.decor_samples = 0
-        sample = layer.take_decor_inputs()
-        update_s = median_time(lambda: layer.update_decorrelation(sample, lr=0.0, kappa=0.0), args.repeats)
+        with torch.no_grad():  # armed / unarmed forwards interleaved
+            forwards = interleaved_times({k: (lambda k=k: armed_forward(layer, x, k)) for k in (args.samples, 0)},
+                                         args.repeats)
+        armed, unarmed = (statistics.median(forwards[k]) for k in (args.samples, 0))
+        sample = layer.take_decor_inputs()  # of the last armed forward
+        update_s = statistics.median(interleaved_times(
+            {'update': lambda: layer.update_decorrelation(sample, lr=0.0, kappa=0.0)}, args.repeats)['update'])
         rows.append(dict(
             layer=n, structure=layer.decor_structure, weight=list(layer.weight.shape), input=list(x.shape),
             R=list(layer.decor_matrix.shape), spatial=list(layer.decor_spatial.shape), path=forward_path(layer, x),

@@ -37,6 +37,11 @@ def test_layer_costs_smoke(tmp_path):
     assert all(row['update_s'] > 0 and row['plain_fwd_bwd_s'] > 0 for row in result['layers'])
     assert result['fusion_by_path_s']['fused'] + result['fusion_by_path_s']['input'] == pytest.approx(
         result['totals_s']['fusion']) and 'R update' in out
+    for bad_args, message in ((['--config', 'resnet18:64'], '--config must be'),
+                              (['--samples', '0'], '--samples and --repeats must be')):
+        bad = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'layer_costs.py'), *bad_args],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-500:]
 
 
 def test_inference_smoke(tmp_path):
