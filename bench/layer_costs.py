@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import timm_dbp  # noqa: F401  registers dbp_ models
 from timm_dbp import DBP_DEFAULTS, decor_layers
 
+from _cli import model_config  # bench/_cli.py
 from _timing import interleaved_times  # bench/_timing.py
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,11 +61,7 @@ def main():
     args = parser.parse_args()
     if args.samples < 1 or args.repeats < 1:
         parser.error(f'--samples and --repeats must be at least 1, got {args.samples} and {args.repeats}')
-    try:
-        name, img, batch = args.config.split(':')
-        img, batch = int(img), int(batch)
-    except ValueError:
-        parser.error(f'--config must be model:img_size:batch_size (e.g. resnet18:64:64), got {args.config!r}')
+    name, img, batch = model_config(parser, '--config', args.config)
     torch.manual_seed(0)
     model = timm.create_model(f'dbp_{name}', num_classes=100).train()
     layers = list(decor_layers(model))

@@ -21,6 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import timm_dbp  # noqa: F401  registers dbp_ models and optimizers
 
+from _cli import model_config  # bench/_cli.py
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--config', default='test_resnet:32:128', help='model:img_size:batch_size (DBP twin: dbp_<model>)')
 parser.add_argument('--warmup', type=int, default=3)
@@ -49,13 +51,13 @@ def phase_counts(prof, top):
 
 def main():
     args = parser.parse_args()
-    name, img, batch = args.config.split(':')
+    name, img, batch = model_config(parser, '--config', args.config)
     results = {}
     for method in ('bp', 'dbp'):
         torch.manual_seed(0)
         model = timm.create_model(name if method == 'bp' else f'dbp_{name}', num_classes=10)
         opt = timm.optim.create_optimizer_v2(model, opt='sgd' if method == 'bp' else 'dbpsgd', lr=0.01, momentum=0.9)
-        x, y = torch.randn(int(batch), 3, int(img), int(img)), torch.randint(0, 10, (int(batch),))
+        x, y = torch.randn(batch, 3, img, img), torch.randint(0, 10, (batch,))
         for _ in range(args.warmup):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()

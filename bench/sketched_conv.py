@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_dbp  # noqa: F401  registers the dbp_ models
+
+from _cli import model_config  # bench/_cli.py
 from timm_dbp.layers import MaskedReLU, sketch_convs, sketched_layers
 
 from _proc import rss_bytes  # bench/_proc.py
@@ -127,8 +129,7 @@ def main():
     variants = ['bp', 'relu_masks'] + [f'xconv{r}' for r in args.probes] + [f'dbp_xconv{args.dbp_probes}']
     results = []
     for spec in args.models:
-        model_name, img_size, batch_size = spec.split(':')
-        img_size, batch_size = int(img_size), int(batch_size)
+        model_name, img_size, batch_size = model_config(parser, '--models', spec)
         row = dict(model=model_name, img_size=img_size, batch_size=batch_size, variants={})
         built = {v: build(model_name, v, device) for v in variants}
         x, y = batch(img_size, batch_size, device)

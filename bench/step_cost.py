@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import timm_dbp  # noqa: F401  registers dbp_ models and optimizers
 from timm_dbp import decor_layers
 
+from _cli import model_config  # bench/_cli.py
+
 parser = argparse.ArgumentParser()
 parser.add_argument('--configs', nargs='+', default=['resnet18:64:64', 'resnet18:224:32', 'resnet50:64:64'],
                     help='model:img_size:batch_size (the DBP twin is dbp_<model>)')
@@ -120,8 +122,7 @@ def main():
     device = torch.device(args.device)
     results = []
     for config in args.configs:
-        model_name, img, batch = config.split(':')
-        img, batch = int(img), int(batch)
+        model_name, img, batch = model_config(parser, '--configs', config)
         x = torch.randn(batch, 3, img, img, device=device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
