@@ -78,6 +78,9 @@ METHODS = {
                                                           '--decor-samples', str(n)]) for n in (256,)},
     # the R update's and the sample's products (R's of 128+ rows) with bfloat16 operands (section 32)
     'dbp_kron_dlr3e-3_bf16': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', *BF16_DBP_FLAGS]),
+    # ... with R updated (and sampled) on every 2nd step only: the cheapest interval not yet measured (section 36)
+    'dbp_kron_dlr3e-3_bf16_i2': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', *BF16_DBP_FLAGS,
+                                                         '--decor-interval', '2']),
     # layer selection: layers whose input dimension d exceeds 2304 kept plain (resnet18: layer4's three
     # 512 x 512 x 3 x 3 convs, the largest share of DBP's fusion and update on small inputs; BENCHMARKS 22b, 33c, 34)
     'dbp_kron_dlr3e-3_bf16_d2304': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', 'dbp_max_dim=2304',
