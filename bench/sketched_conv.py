@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_dbp  # noqa: F401  registers the dbp_ models
-
-from _cli import model_config  # bench/_cli.py
 from timm_dbp.layers import MaskedReLU, sketch_convs, sketched_layers
 
+from _cli import model_config  # bench/_cli.py
 from _proc import rss_bytes  # bench/_proc.py
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
