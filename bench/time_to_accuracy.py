@@ -85,6 +85,10 @@ METHODS = {
     # 512 x 512 x 3 x 3 convs, the largest share of DBP's fusion and update on small inputs; BENCHMARKS 22b, 33c, 34)
     'dbp_kron_dlr3e-3_bf16_d2304': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', 'dbp_max_dim=2304',
                                                             *BF16_DBP_FLAGS]),
+    # kron R only for convs with d <= 1152, a channel R above (resnet18: layer3 / layer4's 3x3 convs fed 256 / 512
+    # channels, those whose R_c acts on the input at 64 px, where folding R_s into the kernel is most of the fusion)
+    'dbp_kron_dlr3e-3_bf16_k1152': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
+                                                            'dbp_kron_max_dim=1152', *BF16_DBP_FLAGS]),
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP

@@ -259,6 +259,7 @@ def _dbp_settings(f: CardFacts) -> str:
         ('R structure (dbp_structure)', s.get('structure'), 'full: (c·s)² per conv; channel: c²; kron: c² and s²'),
         ('dbp_exclude', list(s.get('exclude') or []) or 'none', 'layers kept plain'),
         ('dbp_max_dim', s.get('max_dim') or 'none', 'layers with a larger input dimension kept plain'),
+        ('dbp_kron_max_dim', s.get('kron_max_dim') or 'none', 'kron: wider convs take a channel R'),
         ('dbp_linear', s.get('linear'), 'classifier decorrelated too'),
     ]
     lines = ['| setting | value | meaning |', '| --- | --- | --- |']

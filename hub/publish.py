@@ -65,7 +65,7 @@ _SOURCE_KEYS = ('url', 'file', 'state_dict', 'hf_hub_id', 'hf_hub_filename', 'so
 _PATH_ARGS = {'data_dir': 'DATA_DIR', 'data': 'DATA_DIR', 'output': 'OUTPUT', 'initial_checkpoint': 'CHECKPOINT',
               'resume': 'CHECKPOINT', 'pretrained_path': 'CHECKPOINT', 'class_map': 'CLASS_MAP'}
 _RUNTIME_ARGS = ('device', 'local_rank', 'device_modules')  # facts of the machine, not of the recipe
-_DBP_KWARGS = ('dbp_structure', 'dbp_exclude', 'dbp_max_dim', 'dbp_linear')
+_DBP_KWARGS = ('dbp_structure', 'dbp_exclude', 'dbp_max_dim', 'dbp_linear', 'dbp_kron_max_dim')
 _REPO_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*')
 
 parser = argparse.ArgumentParser(
@@ -282,7 +282,8 @@ def _dbp_settings(args: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str,
         if name not in args and name not in opt_args:
             settings[name] = before
     settings.update(structure=model_args.get('dbp_structure', 'full'), exclude=model_args.get('dbp_exclude') or (),
-                    max_dim=model_args.get('dbp_max_dim'), linear=model_args.get('dbp_linear', True))
+                    max_dim=model_args.get('dbp_max_dim'), linear=model_args.get('dbp_linear', True),
+                    kron_max_dim=model_args.get('dbp_kron_max_dim'))
     return settings
 
 

@@ -501,6 +501,35 @@ def test_decorrelate_skip_options_and_fold():
     torch.testing.assert_close(model(x), moved)
 
 
+def test_kron_max_dim_gives_the_wide_convs_a_channel_r():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
+    )
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    decorrelate(model, structure='kron', kron_max_dim=72)  # d: 27, 72, 16 (1x1), 144 > 72
+    structures = [m.decor_structure for m in model if isinstance(m, (DecorConv2d, DecorLinear))]
+    assert structures == ['kron', 'kron', 'full', 'channel', 'full']
+    assert model[6].decor_matrix.shape == (16, 16) and model[6].decor_spatial.numel() == 0
+    assert model[2].decor_spatial.shape == (9, 9)
+    assert torch.equal(model(x), expected)  # R = I: the function is unchanged
+    for m in model:
+        if isinstance(m, (DecorConv2d, DecorLinear)):
+            m.decor_matrix.add_(0.05 * torch.randn_like(m.decor_matrix))
+    moved = model(x)
+    fold(model)
+    torch.testing.assert_close(model(x), moved)
+
+
+@pytest.mark.parametrize('kwargs', [dict(structure='full', kron_max_dim=100), dict(structure='channel', kron_max_dim=1),
+                                    dict(kron_max_dim=0)])
+def test_bad_kron_max_dim(kwargs):
+    with pytest.raises(ValueError, match='kron_max_dim'):
+        decorrelate(nn.Sequential(nn.Conv2d(3, 4, 3)), **kwargs)
+
+
 def test_decorrelate_layer_itself_and_bad_max_dim():
     assert isinstance(decorrelate(nn.Linear(3, 2)), DecorLinear)
     with pytest.raises(ValueError, match='max_dim'):

@@ -117,6 +117,22 @@ def test_options_and_unknown_kwargs():
         timm.create_model('dbp_test_resnet', not_an_arg=1)
 
 
+def test_dbp_kron_max_dim_from_model_kwargs():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    kwargs = parser.parse_args(['--model-kwargs', 'dbp_kron_max_dim=1152']).model_kwargs
+    model = timm.create_model('dbp_resnet18', device='meta', **kwargs)
+    structure = {n: m.decor_structure for n, m in decor_layers(model)}
+    assert structure['layer3.0.conv1'] == 'kron'  # d = 128 * 9
+    assert structure['layer3.0.conv2'] == structure['layer4.1.conv2'] == 'channel'  # d = 256 * 9, 512 * 9
+    assert structure['layer4.0.downsample.0'] == 'full'  # a 1x1 conv: R_c is its full R
+    assert model.dbp_args['kron_max_dim'] == 1152
+    model.reset_classifier(3)
+    assert model.fc.decor_structure == 'full'
+    with pytest.raises(ValueError, match='kron_max_dim'):
+        timm.create_model('dbp_resnet18', device='meta', dbp_structure='channel', dbp_kron_max_dim=1152)
+
+
 def test_dbp_exclude_as_a_string_is_one_pattern_or_a_comma_list():
     # --model-kwargs dbp_exclude=layer4.* passes a str: it must not become the patterns 'l', 'a', ..., '*' (all layers)
     parser = argparse.ArgumentParser()

@@ -66,8 +66,10 @@ def _weights_read_directly(cls: type) -> FrozenSet[str]:
 
 def _to_dbp(
         module: nn.Module, name: str, exclude: Sequence[str], max_dim: Optional[int], conv: bool, linear: bool,
-        structure: str,
+        structure: str, kron_max_dim: Optional[int],
 ):
+    if kron_max_dim is not None and isinstance(module, nn.Conv2d) and _decor_dim(module) > kron_max_dim:
+        structure = 'channel'
     if conv and type(module) is SketchedConv2d:  # keeps its trace-estimated weight gradient
         make = partial(_sketched_decor_conv, decor_structure=structure)
     elif conv and type(module) is nn.Conv2d:
@@ -95,6 +97,7 @@ def decorrelate(
         conv: bool = True,
         linear: bool = True,
         structure: str = DEFAULT_STRUCTURE,
+        kron_max_dim: Optional[int] = None,
 ) -> nn.Module:
     """Convert the Conv2d / Linear layers of `model` to DBP form in place (same function: R = I).
 
@@ -111,6 +114,9 @@ def decorrelate(
         linear: Convert Linear layers.
         structure: R of the convs: 'full' (d x d on patches), 'channel' (c x c on pixels) or 'kron'
             (c x c (x) s x s); see `timm_dbp.layers.decorrelation`. Linear layers always get a full R.
+        kron_max_dim: With structure 'kron', convs whose input dimension d exceeds it get a channel R instead (no
+            spatial factor): the deep convs whose R_c acts on the input, where folding R_s into the large kernel
+            twice a step is most of the fusion cost (BENCHMARKS section 37).
 
     Returns:
         The converted model.
@@ -120,7 +126,10 @@ def decorrelate(
         raise ValueError(f'max_dim must be >= 1 or None, got {max_dim}')
     if structure not in DECOR_STRUCTURES:
         raise ValueError(f'structure must be one of {DECOR_STRUCTURES}, got {structure!r}')
-    converted = _to_dbp(model, '', exclude, max_dim, conv, linear, structure)
+    if kron_max_dim is not None and (structure != 'kron' or kron_max_dim < 1):
+        raise ValueError(f'kron_max_dim must be >= 1 or None and needs structure \'kron\', got {kron_max_dim} with '
+                         f'structure {structure!r}')
+    converted = _to_dbp(model, '', exclude, max_dim, conv, linear, structure, kron_max_dim)
     if converted is not None:
         return converted
     for name, module in list(model.named_modules()):
@@ -128,7 +137,7 @@ def decorrelate(
             full_name = f'{name}.{child_name}' if name else child_name
             if child_name in _weights_read_directly(type(module)):
                 continue
-            converted = _to_dbp(child, full_name, exclude, max_dim, conv, linear, structure)
+            converted = _to_dbp(child, full_name, exclude, max_dim, conv, linear, structure, kron_max_dim)
             if converted is not None:
                 setattr(module, child_name, converted)
     return model
