@@ -91,10 +91,18 @@ def _positive_int(value: str) -> int:
 
 
 def _non_negative_int(value: str) -> int:
-    """--decoupled-delay: an integer >= 0."""
+    """--decoupled-delay, --decor-warmup: an integer >= 0."""
     number = int(value)
     if number < 0:
         raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {value}')
+    return number
+
+
+def _positive(value: str) -> float:
+    """--decor-warmup-lr: a finite number > 0."""
+    number = float(value)
+    if not 0 < number < float('inf'):
+        raise argparse.ArgumentTypeError(f'must be a finite number > 0, got {value}')
     return number
 
 
@@ -198,6 +206,11 @@ group.add_argument('--decor-max-step', type=float, default=None,
 group.add_argument('--decor-matmul-dtype', default=None, choices=MATMUL_DTYPE_NAMES,
                    help='operand dtype of the R update\'s matrix products (bfloat16: faster where the hardware has '
                         'it; auto: bfloat16 there, float32 elsewhere)')
+group.add_argument('--decor-warmup', type=_non_negative_int, default=0, metavar='N',
+                   help='before the first epoch of a fresh run, learn R from N training batches (forward only, one '
+                        'R update each at --decor-warmup-lr; weights untouched; timed as training; default 0 = off)')
+group.add_argument('--decor-warmup-lr', type=_positive, default=0.5, metavar='LR',
+                   help='learning rate of R in the --decor-warmup updates (each kept <= decor_max_step; default 0.5)')
 
 # Low-memory conv gradients (XConv: multi-channel randomized trace estimation, timm_dbp.sketch_convs)
 group = parser.add_argument_group('Low-memory gradient parameters')
@@ -663,6 +676,11 @@ def main(argv=None):
         for name in DBP_SHORTCUTS:
             setattr(args, name, dbp.param_groups[0][name])
         args_text = _args_yaml(args)
+    if args.decor_warmup and dbp is None:
+        raise UserError(f'--decor-warmup learns R before training and needs a DBP optimizer (--opt dbpsgd, ...), '
+                        f'got --opt {args.opt}')
+    if args.decor_warmup and trainer is not None:
+        raise UserError('--decor-warmup is not supported with --decoupled')
     if trainer is not None:
         trainer.attach_optimizer(optimizer)
 
@@ -794,6 +812,9 @@ def main(argv=None):
         _logger.info(f'Output: {output_dir}; scheduled epochs: {num_epochs}')
 
     run_start = time.time()
+    if args.decor_warmup and start_epoch == 0 and checkpoint is None and len(train_epochs):
+        with meter if meter is not None else nullcontext():  # timed and metered as training
+            train_time += warm_up_decorrelation(dbp, model, loader_train, args, device, amp_autocast, mixup_fn)
     eval_metrics = None  # of the last epoch trained in this run
     if start_epoch >= num_epochs and not args.analytic_head_only and is_main:
         _logger.info(f'Nothing to do: checkpoint is at epoch {start_epoch - 1}, the run has {num_epochs} epochs.')
@@ -1131,6 +1152,24 @@ def train_one_epoch(
                 f'Loss: {losses_m.val:#.3g} ({losses_m.avg:#.3g})  {rate:>7.1f} img/s  LR: {lr:.3e}  '
                 f'ETA epoch {_hms(epoch_eta)}, run {_hms(run_eta)}')
     return dict(loss=losses_m.avg, epoch_time=time.time() - epoch_start)
+
+
+def warm_up_decorrelation(dbp, model, loader, args, device, amp_autocast=nullcontext, mixup_fn=None) -> float:
+    """--decor-warmup: R learned from the first args.decor_warmup training batches (forward only) before epoch 0;
+    the RNGs are put back, so the epochs see the same batches as without it. Returns the seconds it took."""
+    start, saved_rng = time.time(), rng_state()
+
+    batches = (_prepare_batch(input, target, args, device, mixup_fn)[0]
+               for _, (input, target) in zip(range(args.decor_warmup), loader))
+    with amp_autocast():
+        updates = dbp.warm_up_decorrelation(model, batches, lr=args.decor_warmup_lr)
+    set_rng_state(saved_rng)
+    seconds = time.time() - start
+    if args.rank == 0:
+        summary = dbp.dbp_summary()
+        _logger.info(f'DBP warm-up: {updates} R updates at decor lr {args.decor_warmup_lr:g} in {seconds:.1f}s; '
+                     f'RMS off-diagonal correlation of the last sample {summary["decor_corr"]:.3f}')
+    return seconds
 
 
 def train_decoupled_epoch(epoch, trainer, loader, optimizer, loss_fn, args, device, lr_scheduler=None,

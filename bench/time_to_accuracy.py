@@ -89,6 +89,11 @@ METHODS = {
     # channels, those whose R_c acts on the input at 64 px, where folding R_s into the kernel is most of the fusion)
     'dbp_kron_dlr3e-3_bf16_k1152': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
                                                             'dbp_kron_max_dim=1152', *BF16_DBP_FLAGS]),
+    # R learned from the first 20 training batches before epoch 0 (train.py --decor-warmup, forward only, counted
+    # in the time): in a short schedule decor_lr 3e-3 leaves R far from decorrelating (RMS correlation 0.13 after 3
+    # epochs at 64 px), so W trains on hardly decorrelated inputs at first
+    'dbp_kron_dlr3e-3_bf16_wu20': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', *BF16_DBP_FLAGS,
+                                                           '--decor-warmup', '20']),
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP

@@ -37,10 +37,11 @@ and R stays equal across ranks without broadcasting it.
 import inspect
 import logging
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.optim import Optimizer
 
 from timm_dbp.layers import (
@@ -163,18 +164,21 @@ class DBPMixin:
             self._routes = routes
         return self._routes
 
-    def _arm_layers(self) -> None:
-        """Ask layers to sample their inputs in the coming forward iff the next step updates their R.
+    def _arm_layers(self, warm_up_step: Optional[int] = None) -> None:
+        """Ask layers to sample their inputs in the coming forward iff the next step updates their R (every layer
+        with decor_lr > 0 for a warm-up step, see `warm_up_decorrelation`).
 
         Each sample gets its own seed from (dbp_seed, step, layer), so sampling is reproducible on resume and
-        never draws from torch's global RNG (a DBP run sees the same data order as its BP twin).
+        never draws from torch's global RNG (a DBP run sees the same data order as its BP twin). Warm-up step k
+        counts as step -1 - k: its samples differ from every training step's.
         """
+        step = self.dbp_step if warm_up_step is None else -1 - warm_up_step
         for index, (layer, group) in enumerate(self.dbp_routes()):
-            updates_next = self.dbp_step % group['decor_interval'] == 0
+            updates_next = warm_up_step is not None or self.dbp_step % group['decor_interval'] == 0
             layer.decor_samples = group['decor_samples'] if updates_next and group['decor_lr'] > 0 else 0
             layer.decor_vectors_per_patch = group['decor_vectors_per_patch']
             layer.decor_matmul_dtype = group['decor_matmul_dtype']
-            layer.decor_seed = (self.dbp_seed + 1_000_003 * self.dbp_step + 7919 * (self.dbp_layer_offset + index)
+            layer.decor_seed = (self.dbp_seed + 1_000_003 * step + 7919 * (self.dbp_layer_offset + index)
                                 ) % _SEED_MOD
 
     def dbp_pipeline_stage(self, layer_offset: int, seed: int) -> None:
@@ -185,7 +189,9 @@ class DBPMixin:
         self._arm_layers()
 
     @torch.no_grad()
-    def _update_decorrelation(self) -> None:
+    def _update_decorrelation(self, warm_up_lr: Optional[float] = None) -> None:
+        """One R update of every layer that sampled in the last forward: with its group's decor_lr when the group's
+        interval is due, or with `warm_up_lr` in every group with decor_lr > 0 (a warm-up step)."""
         distributed = self.dbp_all_gather
         if distributed is None:
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -193,13 +199,14 @@ class DBPMixin:
         work: Dict[tuple, List[Tuple[DecorLayer, list]]] = {}
         for layer, group in self.dbp_routes():
             inputs = layer.take_decor_inputs()
-            if inputs is None or group['decor_lr'] == 0 or (self.dbp_step - 1) % group['decor_interval'] != 0:
+            due = warm_up_lr is not None or (self.dbp_step - 1) % group['decor_interval'] == 0
+            if inputs is None or group['decor_lr'] == 0 or not due:
                 continue
             if distributed:  # a kron layer's sample is a pair of vector sets
                 inputs = _all_gather_rows(inputs) if isinstance(inputs, torch.Tensor) else tuple(
                     _all_gather_rows(part) for part in inputs)
             max_step = float('inf') if group['decor_max_step'] is None else group['decor_max_step']
-            settings = (group['decor_lr'], group['kappa'], group['decor_max_change'], max_step,
+            settings = (group['decor_lr'] if warm_up_lr is None else warm_up_lr, group['kappa'], group['decor_max_change'], max_step,
                         matmul_dtype_named(group['decor_matmul_dtype'], layer.decor_matrix.device))
             if not group['decor_batch']:
                 settings += (layer,)  # a group of its own
@@ -216,6 +223,39 @@ class DBPMixin:
         self._update_decorrelation()
         self._arm_layers()
         return loss
+
+    @torch.no_grad()
+    def warm_up_decorrelation(self, model: nn.Module, batches: Iterable[torch.Tensor], lr: float = 0.5) -> int:
+        """Learn R before training: per batch of inputs, one training-mode forward of `model` without gradients and
+        one R update of every DBP layer with learning rate `lr` (each step kept <= decor_max_step by the cap, the
+        other guards as in training). Weights, optimizer state and the model's other buffers (BatchNorm's running
+        statistics) are left as they were; the training steps' sampling seeds are unchanged. Returns the number
+        of warm-up updates.
+
+        R starts at I and decor_lr moves it slowly (3e-3 per step), so in a short schedule the early steps train W
+        on inputs that are hardly decorrelated yet; a few large capped steps on the first batches get R there first.
+        """
+        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
+            raise ValueError(f'warm-up lr must be a number > 0, got {lr!r}')
+        decor_state = {id(t) for layer, _ in self.dbp_routes() for t in layer.buffers()}
+        others = [t for t in model.buffers() if id(t) not in decor_state]
+        saved = [t.clone() for t in others]
+        was_training = model.training
+        model.train()
+        updates = 0
+        try:
+            for updates, inputs in enumerate(batches, 1):
+                self._arm_layers(warm_up_step=updates - 1)
+                model(inputs)
+                self._update_decorrelation(warm_up_lr=lr)
+        finally:
+            for layer, _ in self.dbp_routes():
+                layer.take_decor_inputs()  # an interrupted warm-up leaves no sample behind
+            for t, value in zip(others, saved):
+                t.copy_(value)
+            model.train(was_training)
+            self._arm_layers()
+        return updates
 
     @torch.no_grad()
     def dbp_summary(self) -> Dict[str, float]:
