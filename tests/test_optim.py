@@ -362,3 +362,72 @@ def test_sampling_never_draws_from_the_global_rng():
     opt.step()
     assert opt.dbp_summary()['decor_updates'] > 0
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def _correlated_images(count, batch_size=8):
+    """Batches whose neighbouring pixels are strongly correlated (cumulative sums of noise), like natural images."""
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(batch_size, 3, 32, 32, generator=g).cumsum(-1).cumsum(-2) / 30 for _ in range(count)]
+
+
+def test_warm_up_decorrelates_the_inputs_before_training():
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01)
+    assert opt.warm_up_decorrelation(model, _correlated_images(1)) == 1
+    first = opt.dbp_summary()['decor_corr']  # measured on the first sample, before any update (R = I)
+    assert opt.warm_up_decorrelation(model, _correlated_images(12)) == 12
+    last = opt.dbp_summary()  # measured on a fresh batch's sample before the 13th update
+    assert last['decor_updates'] == 13 * last['decor_layers'] and last['decor_skipped'] == 0
+    assert last['decor_corr'] < 0.4 * first, (first, last['decor_corr'])
+
+
+def test_warm_up_changes_R_only_and_not_the_training_steps_sampling():
+    model = _model()
+    model.eval()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01)
+    decor = {f'{name}.{b}' for name, layer in decor_layers(model) for b, _ in layer.named_buffers()}
+    others = {k: v.clone() for k, v in model.state_dict().items() if k not in decor}
+    seeds = [layer.decor_seed for _, layer in decor_layers(model)]
+    opt_state = copy.deepcopy(opt.state_dict()['state'])
+    rng = torch.get_rng_state()
+    R = _decor_matrices(model)
+    opt.warm_up_decorrelation(model, _correlated_images(3), lr=0.2)
+    assert not model.training  # the mode is put back
+    assert all(not torch.equal(R[k], v) for k, v in _decor_matrices(model).items()), 'some R did not move'
+    for k, v in model.state_dict().items():
+        if k in others:  # weights, BatchNorm's running statistics and its batch count
+            assert torch.equal(v, others[k]), k
+    assert opt.dbp_step == 0 and opt.state_dict()['state'] == opt_state
+    assert [layer.decor_seed for _, layer in decor_layers(model)] == seeds  # step 0 samples as without warm-up
+    assert all(layer.decor_inputs is None for _, layer in decor_layers(model))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_warm_up_leaves_groups_without_dbp_alone_and_refuses_a_bad_lr():
+    model = _model()
+    conv1 = [p for n, p in model.named_parameters() if n.startswith('conv1.')]
+    rest = [p for n, p in model.named_parameters() if not n.startswith('conv1.')]
+    opt = timm_dbp.with_dbp(torch.optim.SGD)([dict(params=conv1, decor_lr=0.0), dict(params=rest)], lr=0.01)
+    before = _decor_matrices(model)
+    opt.warm_up_decorrelation(model, _correlated_images(2))
+    for k, v in _decor_matrices(model).items():
+        assert torch.equal(before[k], v) == k.startswith('conv1.'), k
+    for lr in (0, -1.0, True, 'x'):
+        with pytest.raises(ValueError, match='warm-up lr'):
+            opt.warm_up_decorrelation(model, _correlated_images(1), lr=lr)
+
+
+def test_interrupted_warm_up_restores_the_model_state():
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01)
+    bn = model.bn1.running_mean.clone()
+
+    def batches():
+        yield from _correlated_images(2)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.warm_up_decorrelation(model, batches())
+    assert torch.equal(model.bn1.running_mean, bn)
+    assert all(layer.decor_inputs is None for _, layer in decor_layers(model))
+    assert [layer.decor_samples for _, layer in decor_layers(model)] == [1024] * len(list(decor_layers(model)))

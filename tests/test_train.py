@@ -3,6 +3,7 @@ import csv
 import os
 
 import pytest
+import timm
 import torch
 import yaml
 
@@ -61,7 +62,8 @@ def test_dbp_training_learns_R_and_logs_dbp_columns(tiny_fmnist, tmp_path):
     assert files == ['args.yaml', f'checkpoint-{best}.pth.tar', 'last.pth.tar', 'model_best.pth.tar', 'summary.csv']
 
 
-@pytest.mark.parametrize('extra', [[], ['--sketch-probes', '4']], ids=['dbp', 'dbp-xconv'])
+@pytest.mark.parametrize('extra', [[], ['--sketch-probes', '4'], ['--decor-warmup', '2']],
+                         ids=['dbp', 'dbp-xconv', 'dbp-warmup'])
 def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch, extra):
     out = str(tmp_path)
     assert train.run(_args(tiny_fmnist, out, 'straight', *extra)) == 0
@@ -70,7 +72,7 @@ def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch, extra):
     run_stopped_at_second_epoch(monkeypatch, _args(tiny_fmnist, out, 'stopped', *extra))
     assert _last(out, 'stopped')['epoch'] == 0
     assert train.run(_args(tiny_fmnist, out, 'stopped', '--resume', 'auto', *extra)) == 0
-    if extra:  # the probe streams continue where they were (8 training steps an epoch; 2 x 2 maps run exact)
+    if '--sketch-probes' in extra:  # the probe streams continue where they were (8 steps an epoch; 2 x 2 maps exact)
         calls = _last(out, 'stopped')['sketch_calls']
         assert calls == _last(out, 'straight')['sketch_calls'] and max(calls.values()) == 16
 
@@ -90,6 +92,40 @@ def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch, extra):
     before = snapshot()
     assert train.run(_args(tiny_fmnist, out, 'stopped', '--resume', 'auto')) == 0
     assert snapshot() == before
+
+
+def test_decor_warmup_learns_R_first_and_keeps_the_data_order(tiny_fmnist, tmp_path, monkeypatch, caplog):
+    original, rng_at_epoch_start = train.train_one_epoch, {}
+
+    def record_rng(epoch, num_epochs, model, loader, optimizer, *args, **kwargs):
+        rng_at_epoch_start[optimizer.dbp_summary()['decor_updates'] > 0] = torch.get_rng_state()
+        return original(epoch, num_epochs, model, loader, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train, 'train_one_epoch', record_rng)
+    out = str(tmp_path)
+    assert train.run(_args(tiny_fmnist, out, 'plain', '--epochs', '1')) == 0
+    with caplog.at_level('INFO'):
+        assert train.run(_args(tiny_fmnist, out, 'warm', '--epochs', '1', '--decor-warmup', '3')) == 0
+    assert any('DBP warm-up: 3 R updates' in r.getMessage() for r in caplog.records)
+    assert torch.equal(rng_at_epoch_start[False], rng_at_epoch_start[True])  # the epoch draws the same batches
+    layers = len(list(timm_dbp.decor_layers(timm.create_model('dbp_test_resnet'))))
+    plain, warm = _summary(out, 'plain')[0], _summary(out, 'warm')[0]
+    assert int(plain['train_decor_updates']) == 8 * layers and int(warm['train_decor_updates']) == 11 * layers
+    assert _last(out, 'warm')['optimizer']['dbp']['step'] == 8  # warm-up updates are not optimizer steps
+    assert float(warm['train_time']) > 0
+
+
+def test_decor_warmup_bad_input(tiny_fmnist, tmp_path, capsys):
+    argv = _args(tiny_fmnist, str(tmp_path), 'x', '--decor-warmup', '2', '--opt', 'sgd', '--model', 'test_resnet')
+    at = argv.index('--decor-lr')
+    del argv[at:at + 2]  # a plain optimizer takes no DBP kwargs
+    message = _error_of(capsys, argv)
+    assert '--decor-warmup' in message and 'DBP optimizer' in message
+    for flag, value in (('--decor-warmup', '-1'), ('--decor-warmup', '1.5'), ('--decor-warmup-lr', '0'),
+                        ('--decor-warmup-lr', 'inf')):
+        with pytest.raises(SystemExit) as exit_info:
+            train.run(_args(tiny_fmnist, str(tmp_path), 'x', flag, value))
+        assert exit_info.value.code == 2 and flag in capsys.readouterr().err
 
 
 def test_grad_accumulation_updates_R_once_per_optimizer_step(tiny_fmnist, tmp_path):
