@@ -115,6 +115,13 @@ def test_decor_warmup_learns_R_first_and_keeps_the_data_order(tiny_fmnist, tmp_p
     assert float(warm['train_time']) > 0
 
 
+@pytest.mark.parametrize('kwarg, expected', [('dbp_structure=bogus', 'structure must be one of'),
+                                             ('dbp_kron_max_dim=0', 'kron_max_dim')])
+def test_bad_model_kwarg_value_is_one_line(tiny_fmnist, tmp_path, capsys, kwarg, expected):
+    message = _error_of(capsys, _args(tiny_fmnist, str(tmp_path), 'x', '--model-kwargs', kwarg))
+    assert "model 'dbp_test_resnet'" in message and expected in message
+
+
 def test_decor_warmup_bad_input(tiny_fmnist, tmp_path, capsys):
     argv = _args(tiny_fmnist, str(tmp_path), 'x', '--decor-warmup', '2', '--opt', 'sgd', '--model', 'test_resnet')
     at = argv.index('--decor-lr')
