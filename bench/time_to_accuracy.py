@@ -97,6 +97,9 @@ METHODS = {
     # partial whitening (kappa 0.5: the paper's best on CIFAR-10, its kappa 0 on ImageNet), library settings otherwise
     'dbp_kron_dlr3e-3_bf16_k05': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', *BF16_DBP_FLAGS,
                                                           '--kappa', '0.5']),
+    # the adaptive kappa (chosen per layer and update from the measured errors; section 9 ran it on test_resnet)
+    'dbp_kron_dlr3e-3_bf16_kauto': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', *BF16_DBP_FLAGS,
+                                                            '--kappa', 'auto']),
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
