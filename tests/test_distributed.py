@@ -28,6 +28,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     ddp = DistributedDataParallel(model, broadcast_buffers=False)
     opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, decor_lr=1e-2, decor_samples=64)
     torch.manual_seed(100 + rank)  # different data and different patch samples per rank
+    assert opt.warm_up_decorrelation(model, [torch.randn(4, 3, 32, 32) for _ in range(2)]) == 2  # R learned first
     for _ in range(3):
         x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
         F.cross_entropy(ddp(x), y).backward()
