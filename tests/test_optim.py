@@ -412,7 +412,7 @@ def test_warm_up_leaves_groups_without_dbp_alone_and_refuses_a_bad_lr():
     opt.warm_up_decorrelation(model, _correlated_images(2))
     for k, v in _decor_matrices(model).items():
         assert torch.equal(before[k], v) == k.startswith('conv1.'), k
-    for lr in (0, -1.0, True, 'x'):
+    for lr in (0, -1.0, float('inf'), float('nan'), True, 'x'):
         with pytest.raises(ValueError, match='warm-up lr'):
             opt.warm_up_decorrelation(model, _correlated_images(1), lr=lr)
 

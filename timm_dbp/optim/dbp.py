@@ -206,7 +206,8 @@ class DBPMixin:
                 inputs = _all_gather_rows(inputs) if isinstance(inputs, torch.Tensor) else tuple(
                     _all_gather_rows(part) for part in inputs)
             max_step = float('inf') if group['decor_max_step'] is None else group['decor_max_step']
-            settings = (group['decor_lr'] if warm_up_lr is None else warm_up_lr, group['kappa'], group['decor_max_change'], max_step,
+            decor_lr = group['decor_lr'] if warm_up_lr is None else warm_up_lr
+            settings = (decor_lr, group['kappa'], group['decor_max_change'], max_step,
                         matmul_dtype_named(group['decor_matmul_dtype'], layer.decor_matrix.device))
             if not group['decor_batch']:
                 settings += (layer,)  # a group of its own
@@ -235,8 +236,8 @@ class DBPMixin:
         R starts at I and decor_lr moves it slowly (3e-3 per step), so in a short schedule the early steps train W
         on inputs that are hardly decorrelated yet; a few large capped steps on the first batches get R there first.
         """
-        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
-            raise ValueError(f'warm-up lr must be a number > 0, got {lr!r}')
+        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < float('inf')):
+            raise ValueError(f'warm-up lr must be a finite number > 0, got {lr!r}')
         decor_state = {id(t) for layer, _ in self.dbp_routes() for t in layer.buffers()}
         others = [t for t in model.buffers() if id(t) not in decor_state]
         saved = [t.clone() for t in others]
