@@ -440,7 +440,7 @@ def _check_decoupled_args(args) -> None:
         model_ema='--model-ema', clip_grad='--clip-grad (gradient norms would be per stage)',
         layer_decay='--layer-decay', sync_bn='--sync-bn', torchcompile='--torchcompile',
         analytic_head='--analytic-head', analytic_head_only='--analytic-head-only', sketch_probes='--sketch-probes',
-        aug_repeats='--aug-repeats')
+        aug_repeats='--aug-repeats', decor_warmup='--decor-warmup')
     for name, flag in refused.items():
         if getattr(args, name) not in (None, False, 0, 0.0):
             raise UserError(f'--decoupled does not support {flag} yet')
@@ -681,8 +681,6 @@ def main(argv=None):
     if args.decor_warmup and dbp is None:
         raise UserError(f'--decor-warmup learns R before training and needs a DBP optimizer (--opt dbpsgd, ...), '
                         f'got --opt {args.opt}')
-    if args.decor_warmup and trainer is not None:
-        raise UserError('--decor-warmup is not supported with --decoupled')
     if trainer is not None:
         trainer.attach_optimizer(optimizer)
 
