@@ -17,13 +17,20 @@ Shorter schedules (`--budgets`): a cosine schedule reaches its accuracy only at 
 costs. With `--budgets 1 2` every method also trains complete shorter schedules (1 and 2 epochs, the same recipe,
 its chosen LR, every seed), and "time to target, any budget" is per seed the earliest crossing over all of that
 method's schedules (the time-to-train protocol of MLPerf and airbench). Every method gets the same budgets; the
-target stays BP-SGD's final top-1 of the --epochs schedule.
+target stays BP-SGD's final top-1 of the --epochs schedule. `--budget-methods` limits them to some methods (say so
+when reporting: a method without shorter schedules can only cross the target in its --epochs runs).
+
+Longer schedules (`--fixed-lr-mults METHOD=MULT ...`): those methods skip the sweep and train at that multiplier,
+their choice from the sweep of a shorter schedule of the same protocol (as section 28b did at 12 epochs). Give one
+for every method, so that the tuning budget stays equal; the JSON records them.
 
     python bench/time_to_accuracy.py --out docs/bench_tta   # defaults below; about 1 h on 2 CPU cores
     python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --lr-mults 1 --seeds 0 --epochs 1 \\
         --train-num-samples 512 --out /tmp/tta_smoke   # seconds-long smoke run
     python bench/time_to_accuracy.py --lr-mults 2 4 --budgets 1 2 --out docs/bench_tta_budgets   # + shorter schedules
     python bench/time_to_accuracy.py --train-flags="--sched-on-updates" ...   # cosine stepped every update (note the =)
+    python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --fixed-lr-mults bp_sgd=4 dbp_kron=8 --epochs 12 \
+        --budgets 6 --budget-methods dbp_kron ...   # 12 epochs at the 6-epoch choices; DBP's 6-epoch schedule too
 """
 import argparse
 import csv
@@ -121,6 +128,10 @@ parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='the
 parser.add_argument('--epochs', type=int, default=3, help='schedule of the LR sweep and the target')
 parser.add_argument('--budgets', nargs='*', type=int, default=[], metavar='EPOCHS',
                     help='also train these shorter complete schedules at each method\'s chosen LR, every seed')
+parser.add_argument('--budget-methods', nargs='+', default=None, metavar='METHOD',
+                    help='train the --budgets schedules for these methods only (default: every method)')
+parser.add_argument('--fixed-lr-mults', nargs='+', default=[], metavar='METHOD=MULT',
+                    help='methods that skip the sweep and train at this LR multiplier (chosen on another schedule)')
 parser.add_argument('--train-num-samples', type=int, default=10000)
 parser.add_argument('--val-num-samples', type=int, default=None, help='test images evaluated (default: all 10k)')
 parser.add_argument('-b', '--batch-size', type=int, default=128)
@@ -240,16 +251,40 @@ def plot(rows, table, path, target):
     fig.savefig(path)
 
 
+def parse_fixed_lr_mults(items, methods):
+    """{method: multiplier} from METHOD=MULT strings; ValueError names the bad item."""
+    fixed = {}
+    for item in items:
+        method, sep, mult = item.partition('=')
+        if not sep or method not in methods:
+            raise ValueError(f'--fixed-lr-mults takes METHOD=MULT with METHOD one of --methods {methods}, got {item!r}')
+        try:
+            fixed[method] = float(mult)
+        except ValueError:
+            fixed[method] = float('nan')
+        if not 0 < fixed[method] < float('inf'):  # also NaN
+            raise ValueError(f'--fixed-lr-mults: the multiplier must be a positive number, got {item!r}')
+    return fixed
+
+
 def main():
     args = parser.parse_args()
     if any(not 1 <= e < args.epochs for e in args.budgets):
         parser.error(f'--budgets must be epoch counts from 1 to --epochs - 1 ({args.epochs - 1}), got {args.budgets}')
+    if args.budget_methods is not None and not set(args.budget_methods) <= set(args.methods):
+        parser.error(f'--budget-methods must be some of --methods {args.methods}, got {args.budget_methods}')
+    try:
+        fixed = parse_fixed_lr_mults(args.fixed_lr_mults, args.methods)
+    except ValueError as e:
+        parser.error(str(e))
     args.train_flag_list = shlex.split(args.train_flags)
     rows = []
     sweep_seed, other_seeds = args.seeds[0], args.seeds[1:]
-    for lr_mult in args.lr_mults:  # phase 1: LR sweep on the sweep seed, methods interleaved
+    sweep = {m: [fixed[m]] if m in fixed else args.lr_mults for m in args.methods}
+    for i in range(max(map(len, sweep.values()))):  # phase 1: LR sweep on the sweep seed, methods interleaved
         for method in args.methods:
-            rows.append(run_one(args, method, lr_mult, sweep_seed))
+            if i < len(sweep[method]):
+                rows.append(run_one(args, method, sweep[method][i], sweep_seed))
     best_mult = {}
     for method in args.methods:
         done = [r for r in rows if r['method'] == method and not r['failed']]
@@ -269,6 +304,8 @@ def main():
     for epochs in sorted(args.budgets):  # phase 3: shorter complete schedules, chosen LR, every seed
         for seed in args.seeds:
             for method in best_mult:
+                if args.budget_methods is not None and method not in args.budget_methods:
+                    continue
                 row = run_one(args, method, best_mult[method], seed, epochs)
                 row['budget'] = True
                 rows.append(row)

@@ -128,9 +128,28 @@ def test_time_to_accuracy_smoke(tmp_path):
         expected = min(crossings) / data['meta']['bp_sgd_time'] if crossings else None
         assert entry['time_to_target_any'] == [expected]
     assert 'every schedule' in budgets
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'time_to_accuracy.py'), '--epochs', '2',
-                          '--budgets', '2', '--out', str(tmp_path / 'x')], capture_output=True, text=True)
-    assert bad.returncode == 2 and '--budgets must be' in bad.stderr
+    # fixed multipliers skip the sweep (x2 is never trained) and shorter schedules only for --budget-methods: every
+    # run needed is in the runs directory already, so nothing trains
+    fixed = _run('time_to_accuracy.py', '--methods', 'bp_sgd', 'dbp_kron', '--lr-mults', '1', '2', '--fixed-lr-mults',
+                 'bp_sgd=1', 'dbp_kron=1', '--seeds', '0', '--epochs', '2', '--budgets', '1', '--budget-methods',
+                 'dbp_kron', '--train-num-samples', '128', '--val-num-samples', '128',
+                 '--runs-dir', str(tmp_path / 'runs'), '--out', str(tmp_path / 't4'))
+    data = json.loads((tmp_path / 't4.json').read_text())
+    assert '===' not in fixed
+    assert sorted((r['method'], r['epochs'], r['lr_mult']) for r in data['rows']) == [
+        ('bp_sgd', 2, 1.0), ('dbp_kron', 1, 1.0), ('dbp_kron', 2, 1.0)]
+    assert 'budget_final_top1' not in data['table']['bp_sgd'] and 'budget_final_top1' in data['table']['dbp_kron']
+    assert data['meta']['args']['fixed_lr_mults'] == ['bp_sgd=1', 'dbp_kron=1']
+    for flags, message in [(['--epochs', '2', '--budgets', '2'], '--budgets must be'),
+                           (['--methods', 'bp_sgd', '--budget-methods', 'dbp_kron'], '--budget-methods must be'),
+                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'dbp_kron=2'], 'METHOD=MULT'),
+                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd'], 'METHOD=MULT'),
+                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd=0'], 'positive number'),
+                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd=nan'], 'positive number'),
+                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd=four'], 'positive number')]:
+        bad = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'time_to_accuracy.py'), *flags,
+                              '--out', str(tmp_path / 'x')], capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr, (flags, bad.stderr)
 
 
 @pytest.mark.skipif(not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'),
