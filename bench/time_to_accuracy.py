@@ -29,7 +29,7 @@ for every method, so that the tuning budget stays equal; the JSON records them.
         --train-num-samples 512 --out /tmp/tta_smoke   # seconds-long smoke run
     python bench/time_to_accuracy.py --lr-mults 2 4 --budgets 1 2 --out docs/bench_tta_budgets   # + shorter schedules
     python bench/time_to_accuracy.py --train-flags="--sched-on-updates" ...   # cosine stepped every update (note the =)
-    python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --fixed-lr-mults bp_sgd=4 dbp_kron=8 --epochs 12 \
+    python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --fixed-lr-mults bp_sgd=4 dbp_kron=8 --epochs 12 \\
         --budgets 6 --budget-methods dbp_kron ...   # 12 epochs at the 6-epoch choices; DBP's 6-epoch schedule too
 """
 import argparse
