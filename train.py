@@ -209,6 +209,9 @@ group.add_argument('--decor-matmul-dtype', default=None, choices=MATMUL_DTYPE_NA
 group.add_argument('--decor-warmup', type=_non_negative_int, default=0, metavar='N',
                    help='before the first epoch of a fresh run, learn R from N training batches (forward only, one '
                         'R update each at --decor-warmup-lr; weights untouched; timed as training; default 0 = off)')
+group.add_argument('--decor-epochs', type=_positive, default=None, metavar='E',
+                   help='R learns in the first E epochs only (may be fractional), then stays fixed: no sampling and '
+                        'no R update after that, the step costs BP plus the fusion W R (default: every epoch)')
 group.add_argument('--decor-warmup-lr', type=_positive, default=0.5, metavar='LR',
                    help='learning rate of R in the --decor-warmup updates (each kept <= decor_max_step; default 0.5)')
 
@@ -681,6 +684,12 @@ def main(argv=None):
     if args.decor_warmup and dbp is None:
         raise UserError(f'--decor-warmup learns R before training and needs a DBP optimizer (--opt dbpsgd, ...), '
                         f'got --opt {args.opt}')
+    if args.decor_epochs is not None:
+        if dbp is None:
+            raise UserError(f'--decor-epochs limits the R updates of a DBP optimizer (--opt dbpsgd, ...), '
+                            f'got --opt {args.opt}')
+        if 'decor_steps' in (args.opt_args or {}):
+            raise UserError('give either --decor-epochs or --opt-kwargs decor_steps=..., not both')
     if trainer is not None:
         trainer.attach_optimizer(optimizer)
 
@@ -785,6 +794,10 @@ def main(argv=None):
                                                        updates_per_epoch=updates_per_epoch)
     except (ValueError, AssertionError) as e:
         raise UserError(f'bad schedule --sched {args.sched}: {e}') from None
+    if args.decor_epochs is not None:  # R's learning stops after this many optimizer steps (decor_steps)
+        for group in dbp.param_groups:
+            group['decor_steps'] = round(args.decor_epochs * updates_per_epoch)
+        dbp.refresh_dbp()
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
     if lr_scheduler is not None and start_epoch > 0:

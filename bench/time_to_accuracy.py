@@ -107,6 +107,11 @@ METHODS = {
     # the adaptive kappa (chosen per layer and update from the measured errors; section 9 ran it on test_resnet)
     'dbp_kron_dlr3e-3_bf16_kauto': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron', *BF16_DBP_FLAGS,
                                                             '--kappa', 'auto']),
+    # R learned in the first E epochs only, then fixed (train.py --decor-epochs): no sampling and no R update
+    # afterwards, so the later epochs cost BP plus the fusion W R; does a frozen R keep DBP's accuracy?
+    **{f'dbp_kron_dlr3e-3_bf16_de{e}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
+                                                                *BF16_DBP_FLAGS, '--decor-epochs', str(e)])
+       for e in (1, 2, 4)},
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP

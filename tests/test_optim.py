@@ -87,7 +87,9 @@ def test_unknown_optimizer_name_fails():
     (dict(kappa=1.5), 'kappa'), (dict(kappa=-0.1), 'kappa'), (dict(kappa='Auto'), 'kappa'),
     (dict(kappa=True), 'kappa'), (dict(decor_lr=-1e-3), 'decor_lr'),
     (dict(decor_samples=0), 'decor_samples'), (dict(decor_samples=2.5), 'decor_samples'),
-    (dict(decor_interval=0), 'decor_interval'), (dict(decor_max_change=0), 'decor_max_change'),
+    (dict(decor_interval=0), 'decor_interval'), (dict(decor_steps=-1), 'decor_steps'),
+    (dict(decor_steps=2.5), 'decor_steps'), (dict(decor_steps=True), 'decor_steps'),
+    (dict(decor_max_change=0), 'decor_max_change'),
     (dict(decor_batch='yes'), 'decor_batch'), (dict(decor_max_step=0), 'decor_max_step'),
     (dict(decor_max_step='inf'), 'decor_max_step'), (dict(decor_max_step=True), 'decor_max_step'),
     (dict(decor_max_change=None), 'decor_max_change'), (dict(decor_vectors_per_patch=0), 'decor_vectors_per_patch'),
@@ -214,6 +216,44 @@ def test_interval_updates_every_k_steps_and_samples_only_then():
         changed.append(not torch.equal(before, layer.decor_matrix))
         assert sampled == (step % 3 == 0)
     assert changed == [True, False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize('interval', [1, 2])
+def test_decor_steps_stops_R_learning_and_sampling(interval):
+    # R learns in steps 0 .. decor_steps - 1 only (every interval-th of them); afterwards nothing is sampled, R and
+    # its counters stay fixed, and the weights keep training on the fixed R's decorrelated inputs
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01, decor_interval=interval, decor_steps=4)
+    layer = model.conv1[0]
+    changed, sampled = [], []
+    for step in range(7):
+        before, weight_before = layer.decor_matrix.clone(), layer.weight.detach().clone()
+        x, y = _batch(step)
+        F.cross_entropy(model(x), y).backward()
+        sampled.append(layer.decor_inputs is not None)
+        opt.step()
+        opt.zero_grad()
+        changed.append(not torch.equal(before, layer.decor_matrix))
+        assert not torch.equal(weight_before, layer.weight)
+    expected = [step < 4 and step % interval == 0 for step in range(7)]
+    assert sampled == expected and changed == expected
+    assert int(layer.decor_updates) == sum(expected)
+
+
+def test_decor_steps_set_between_steps_with_refresh():
+    # train.py's --decor-epochs sets decor_steps after the optimizer exists; refresh_dbp re-arms (here: disarms)
+    model = _model()
+    opt = create_optimizer_v2(model, opt='dbpsgd', lr=0.01)
+    layer = model.conv1[0]
+    assert layer.decor_samples > 0
+    for group in opt.param_groups:
+        group['decor_steps'] = 0
+    opt.refresh_dbp()
+    assert layer.decor_samples == 0
+    for group in opt.param_groups:
+        group['decor_steps'] = -1
+    with pytest.raises(ValueError, match='decor_steps'):
+        opt.refresh_dbp()
 
 
 def test_grad_accumulation_updates_R_once_per_step():

@@ -62,8 +62,8 @@ def test_dbp_training_learns_R_and_logs_dbp_columns(tiny_fmnist, tmp_path):
     assert files == ['args.yaml', f'checkpoint-{best}.pth.tar', 'last.pth.tar', 'model_best.pth.tar', 'summary.csv']
 
 
-@pytest.mark.parametrize('extra', [[], ['--sketch-probes', '4'], ['--decor-warmup', '2']],
-                         ids=['dbp', 'dbp-xconv', 'dbp-warmup'])
+@pytest.mark.parametrize('extra', [[], ['--sketch-probes', '4'], ['--decor-warmup', '2'], ['--decor-epochs', '1.5']],
+                         ids=['dbp', 'dbp-xconv', 'dbp-warmup', 'dbp-decor-epochs'])
 def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch, extra):
     out = str(tmp_path)
     assert train.run(_args(tiny_fmnist, out, 'straight', *extra)) == 0
@@ -113,6 +113,34 @@ def test_decor_warmup_learns_R_first_and_keeps_the_data_order(tiny_fmnist, tmp_p
     assert int(plain['train_decor_updates']) == 8 * layers and int(warm['train_decor_updates']) == 11 * layers
     assert _last(out, 'warm')['optimizer']['dbp']['step'] == 8  # warm-up updates are not optimizer steps
     assert float(warm['train_time']) > 0
+
+
+def test_decor_epochs_stops_R_learning_after_that_many_epochs(tiny_fmnist, tmp_path):
+    out = str(tmp_path)
+    assert train.run(_args(tiny_fmnist, out, 'frozen', '--decor-epochs', '1.5')) == 0
+    layers = len(list(timm_dbp.decor_layers(timm.create_model('dbp_test_resnet'))))
+    rows = _summary(out, 'frozen')  # 8 steps an epoch: R learns in steps 0 .. 11, the weights in all 16
+    assert [int(r['train_decor_updates']) for r in rows] == [8 * layers, 12 * layers]
+    ckpt = _last(out, 'frozen')
+    assert ckpt['optimizer']['dbp']['step'] == 16
+    assert all(group['decor_steps'] == 12 for group in ckpt['optimizer']['param_groups'])
+    with open(os.path.join(out, 'train', 'frozen', 'args.yaml')) as f:
+        assert yaml.safe_load(f)['decor_epochs'] == 1.5
+
+
+def test_decor_epochs_bad_input(tiny_fmnist, tmp_path, capsys):
+    argv = _args(tiny_fmnist, str(tmp_path), 'x', '--decor-epochs', '1', '--opt', 'sgd', '--model', 'test_resnet')
+    at = argv.index('--decor-lr')
+    del argv[at:at + 2]
+    message = _error_of(capsys, argv)
+    assert '--decor-epochs' in message and 'DBP optimizer' in message
+    message = _error_of(capsys, _args(tiny_fmnist, str(tmp_path), 'x', '--decor-epochs', '1', '--opt-kwargs',
+                                      'decor_steps=3'))
+    assert '--decor-epochs' in message and 'decor_steps' in message
+    for value in ('0', '-1', 'inf', 'nan', 'two'):
+        with pytest.raises(SystemExit) as exit_info:
+            train.run(_args(tiny_fmnist, str(tmp_path), 'x', '--decor-epochs', value))
+        assert exit_info.value.code == 2 and '--decor-epochs' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('kwarg, expected', [('dbp_structure=bogus', 'structure must be one of'),

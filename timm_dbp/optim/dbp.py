@@ -18,6 +18,8 @@ DecorConv2d / DecorLinear. DBP hyperparameters are param group entries, so group
     decor_vectors_per_patch  kron R: its decor_samples vectors per factor come from decor_samples / this many patches
                       (gathering patches is the costly part of sampling); 1 = one vector per patch
     decor_interval    update R every k optimizer steps; unarmed layers sample nothing on the other steps
+    decor_steps       R learns in the first k optimizer steps only, then stays fixed (no sampling, no update: the
+                      step then costs only the fusion W R); None = throughout training
     decor_max_step    step cap: lr * |lambda|_max of the update's matrix is kept <= decor_max_step by shrinking the
                       step (timm_dbp.layers.decorrelation), so one decor_lr suits narrow and wide layers; None or
                       inf = off (the paper's plain rule)
@@ -58,6 +60,7 @@ DBP_DEFAULTS: Dict[str, Any] = dict(
     decor_samples=1024,
     decor_vectors_per_patch=DEFAULT_VECTORS_PER_PATCH,  # BENCHMARKS section 25: 2 or 4 gained no measurable time
     decor_interval=1,
+    decor_steps=None,
     decor_max_step=0.5,  # BENCHMARKS section 24: binds only on the widest layers' first updates, keeps 1e-2 stable
     decor_max_change=1.0,
     decor_matmul_dtype='auto',  # BENCHMARKS section 32: bfloat16 products halve the update where native, same accuracy
@@ -82,6 +85,9 @@ def _validate_dbp_args(args: Dict[str, Any]) -> None:
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
+    steps = args['decor_steps']
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f'decor_steps must be an integer >= 0 or None (R learns throughout), got {steps!r}')
     if not (isinstance(args['decor_matmul_dtype'], str) and args['decor_matmul_dtype'] in MATMUL_DTYPE_NAMES):
         raise ValueError(f"decor_matmul_dtype must be one of {', '.join(MATMUL_DTYPE_NAMES)}, "
                          f"got {args['decor_matmul_dtype']!r}")
@@ -104,6 +110,13 @@ def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, rows)
     return torch.cat(gathered)
+
+
+def _updates_at(step: int, group: Dict[str, Any]) -> bool:
+    """Whether optimizer step number `step` (0-based) of a param group updates R: every decor_interval-th step,
+    before decor_steps."""
+    steps = group['decor_steps']
+    return step % group['decor_interval'] == 0 and (steps is None or step < steps)
 
 
 class DBPMixin:
@@ -174,12 +187,19 @@ class DBPMixin:
         """
         step = self.dbp_step if warm_up_step is None else -1 - warm_up_step
         for index, (layer, group) in enumerate(self.dbp_routes()):
-            updates_next = warm_up_step is not None or self.dbp_step % group['decor_interval'] == 0
+            updates_next = warm_up_step is not None or _updates_at(self.dbp_step, group)
             layer.decor_samples = group['decor_samples'] if updates_next and group['decor_lr'] > 0 else 0
             layer.decor_vectors_per_patch = group['decor_vectors_per_patch']
             layer.decor_matmul_dtype = group['decor_matmul_dtype']
             layer.decor_seed = (self.dbp_seed + 1_000_003 * step + 7919 * (self.dbp_layer_offset + index)
                                 ) % _SEED_MOD
+
+    def refresh_dbp(self) -> None:
+        """Check the param groups' DBP options again and re-arm the layers for the next step: call it after changing
+        an option in `param_groups` between steps (train.py's --decor-epochs sets decor_steps this way)."""
+        for group in self.param_groups:
+            _validate_dbp_args(group)
+        self._arm_layers()
 
     def dbp_pipeline_stage(self, layer_offset: int, seed: int) -> None:
         """Make this the optimizer of one pipeline stage (timm_dbp.pipeline): its layers are the whole model's DBP
@@ -199,7 +219,7 @@ class DBPMixin:
         work: Dict[tuple, List[Tuple[DecorLayer, list]]] = {}
         for layer, group in self.dbp_routes():
             inputs = layer.take_decor_inputs()
-            due = warm_up_lr is not None or (self.dbp_step - 1) % group['decor_interval'] == 0
+            due = warm_up_lr is not None or _updates_at(self.dbp_step - 1, group)
             if inputs is None or group['decor_lr'] == 0 or not due:
                 continue
             if distributed:  # a kron layer's sample is a pair of vector sets
