@@ -251,6 +251,8 @@ def _dbp_settings(f: CardFacts) -> str:
         ('kappa', s.get('kappa'), '0 = decorrelate only, 1 = normalise variances only, auto = per layer'),
         ('decor_samples', s.get('decor_samples'), 'inputs sampled per layer per R update'),
         ('decor_interval', s.get('decor_interval'), 'R updated every k optimizer steps'),
+        ('R learned in', s.get('decor_learns', 'all of training'),
+         'then fixed: no sampling, no R update (train.py --decor-epochs, optimizer decor_steps)'),
         ('decor_vectors_per_patch', s.get('decor_vectors_per_patch'),
          'kron R: vectors per factor from each sampled patch'),
         ('decor_max_step', 'off' if s.get('decor_max_step') in (None, float('inf')) else s.get('decor_max_step'),

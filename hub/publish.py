@@ -281,6 +281,9 @@ def _dbp_settings(args: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str,
     for name, before in _SETTINGS_OF_OLDER_RUNS.items():  # args.yaml from before the option existed
         if name not in args and name not in opt_args:
             settings[name] = before
+    epochs, steps = args.get('decor_epochs'), opt_args.get('decor_steps')  # R learned only that long, then fixed
+    settings['decor_learns'] = (f'the first {epochs:g} epochs' if epochs is not None else
+                                f'the first {steps} optimizer steps' if steps is not None else 'all of training')
     settings.update(structure=model_args.get('dbp_structure', 'full'), exclude=model_args.get('dbp_exclude') or (),
                     max_dim=model_args.get('dbp_max_dim'), linear=model_args.get('dbp_linear', True),
                     kron_max_dim=model_args.get('dbp_kron_max_dim'))

@@ -124,7 +124,7 @@ def test_model_card_metadata_and_facts(dbp_folder, run_dir, checkpoint, tiny_fmn
     text = card.text
     assert f'| published | {checkpoint["epoch"]} | {top1:.2f} | {top5:.2f} |' in text
     for fact in ('| decor_lr | 0.01 |', '| kappa | 0.5 |', '| decor_samples | 256 |', '| decor_interval | 2 |',
-                 '| decor_max_step | 0.5 |', '| decor_matmul_dtype | auto |',
+                 '| R learned in | all of training |', '| decor_max_step | 0.5 |', '| decor_matmul_dtype | auto |',
                  '| R structure (dbp_structure) | kron |', f'{float(row["train_decor_corr"]):.4f}',
                  'Published in **DBP form**', 'DBP layers: 16', '32 images of the Fashion-MNIST test split',
                  "timm.create_model('hf-hub:timm-dbp-test/fmnist', pretrained=True)", 'import timm_dbp',
@@ -164,6 +164,13 @@ def test_dbp_settings_of_a_run_from_before_the_step_cap_say_it_was_off():
     unset = publish._dbp_settings(dict(decor_matmul_dtype=None), {})['decor_matmul_dtype']
     assert unset == DBP_DEFAULTS['decor_matmul_dtype'] == 'auto'
     assert publish._dbp_settings(dict(decor_matmul_dtype='bfloat16'), {})['decor_matmul_dtype'] == 'bfloat16'
+
+
+def test_dbp_settings_say_how_long_R_learned():
+    assert publish._dbp_settings(dict(decor_epochs=1.5), {})['decor_learns'] == 'the first 1.5 epochs'
+    steps = dict(opt_args=dict(decor_steps=300))
+    assert publish._dbp_settings(steps, {})['decor_learns'] == 'the first 300 optimizer steps'
+    assert publish._dbp_settings(dict(decor_epochs=None), {})['decor_learns'] == 'all of training'
 
 
 def test_run_folder_png_is_published_as_is(run_dir, tmp_path):
