@@ -316,15 +316,18 @@ def _summary(out_dir, experiment):
     return _summary(out_dir, experiment)
 
 
-def test_train_py_delay_0_pipeline_is_the_one_process_run(tiny_fmnist, tmp_path):
+@pytest.mark.parametrize('extra', [(), ('--decor-epochs', '0.5')], ids=['R-learns', 'R-fixed-after-4-steps'])
+def test_train_py_delay_0_pipeline_is_the_one_process_run(tiny_fmnist, tmp_path, extra):
     import train
     from test_train import run_torchrun
     out = str(tmp_path)
     layer_by_layer = ('--opt-kwargs', 'decor_batch=False')  # R rounds alike in a stage and in the whole model
     log = run_torchrun(_train_args(tiny_fmnist, out, 'pipe', '--epochs', '1', '--decoupled', '2',
-                                   '--decoupled-delay', '0', *layer_by_layer))
+                                   '--decoupled-delay', '0', *layer_by_layer, *extra))
     assert 'Pipeline stages: 0: ' in log
-    assert train.run(_train_args(tiny_fmnist, out, 'plain', '--epochs', '1', *layer_by_layer)) == 0
+    assert train.run(_train_args(tiny_fmnist, out, 'plain', '--epochs', '1', *layer_by_layer, *extra)) == 0
+    updates = int(_summary(out, 'plain')[0]['train_decor_updates'])
+    assert updates == (4 if extra else 8) * len(list(decor_layers(timm.create_model('dbp_test_resnet'))))
     pipe, plain = _last(out, 'pipe'), _last(out, 'plain')
     assert set(pipe['state_dict']) == set(plain['state_dict'])
     for key, value in plain['state_dict'].items():

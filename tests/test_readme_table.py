@@ -40,7 +40,7 @@ def test_readme_dbp_options_table_shows_the_library_defaults():
                 if len(cells) > 3}
     for name, default in timm_dbp.DBP_DEFAULTS.items():
         assert name in rows, f'README has no row for DBP option {name}'
-        if isinstance(default, (bool, str)):  # True / False, 'auto'
+        if default is None or isinstance(default, (bool, str)):  # None, True / False, 'auto'
             shown, expected = rows[name].strip('\'"'), str(default)
         else:
             shown, expected = float(rows[name]), float(default)
