@@ -111,7 +111,7 @@ METHODS = {
     # afterwards, so the later epochs cost BP plus the fusion W R; does a frozen R keep DBP's accuracy?
     **{f'dbp_kron_dlr3e-3_bf16_de{e}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
                                                                 *BF16_DBP_FLAGS, '--decor-epochs', str(e)])
-       for e in (1, 2, 4)},
+       for e in (1, 2, 4, 6)},
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
