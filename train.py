@@ -209,11 +209,11 @@ group.add_argument('--decor-matmul-dtype', default=None, choices=MATMUL_DTYPE_NA
 group.add_argument('--decor-warmup', type=_non_negative_int, default=0, metavar='N',
                    help='before the first epoch of a fresh run, learn R from N training batches (forward only, one '
                         'R update each at --decor-warmup-lr; weights untouched; timed as training; default 0 = off)')
+group.add_argument('--decor-warmup-lr', type=_positive, default=0.5, metavar='LR',
+                   help='learning rate of R in the --decor-warmup updates (each kept <= decor_max_step; default 0.5)')
 group.add_argument('--decor-epochs', type=_positive, default=None, metavar='E',
                    help='R learns in the first E epochs only (may be fractional), then stays fixed: no sampling and '
                         'no R update after that, the step costs BP plus the fusion W R (default: every epoch)')
-group.add_argument('--decor-warmup-lr', type=_positive, default=0.5, metavar='LR',
-                   help='learning rate of R in the --decor-warmup updates (each kept <= decor_max_step; default 0.5)')
 
 # Low-memory conv gradients (XConv: multi-channel randomized trace estimation, timm_dbp.sketch_convs)
 group = parser.add_argument_group('Low-memory gradient parameters')
