@@ -262,6 +262,8 @@ def _dbp_settings(f: CardFacts) -> str:
         ('dbp_exclude', list(s.get('exclude') or []) or 'none', 'layers kept plain'),
         ('dbp_max_dim', s.get('max_dim') or 'none', 'layers with a larger input dimension kept plain'),
         ('dbp_kron_max_dim', s.get('kron_max_dim') or 'none', 'kron: wider convs take a channel R'),
+        ('dbp_block_size', s.get('block_size') or 'none', 'R over more channels is block-diagonal, blocks of at most '
+         'this many'),
         ('dbp_linear', s.get('linear'), 'classifier decorrelated too'),
     ]
     lines = ['| setting | value | meaning |', '| --- | --- | --- |']

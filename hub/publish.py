@@ -45,6 +45,7 @@ from timm.models import PretrainedCfg, split_model_name_tag
 import timm_dbp
 import train
 from timm_dbp.data import FASHION_MNIST_CLASSES
+from timm_dbp.layers import identity_factor
 from timm_dbp.optim import DBP_DEFAULTS
 from timm_dbp.utils.checkpoint import CheckpointError, load_checkpoint_file
 from train import UserError
@@ -65,7 +66,7 @@ _SOURCE_KEYS = ('url', 'file', 'state_dict', 'hf_hub_id', 'hf_hub_filename', 'so
 _PATH_ARGS = {'data_dir': 'DATA_DIR', 'data': 'DATA_DIR', 'output': 'OUTPUT', 'initial_checkpoint': 'CHECKPOINT',
               'resume': 'CHECKPOINT', 'pretrained_path': 'CHECKPOINT', 'class_map': 'CLASS_MAP'}
 _RUNTIME_ARGS = ('device', 'local_rank', 'device_modules')  # facts of the machine, not of the recipe
-_DBP_KWARGS = ('dbp_structure', 'dbp_exclude', 'dbp_max_dim', 'dbp_linear', 'dbp_kron_max_dim')
+_DBP_KWARGS = ('dbp_structure', 'dbp_exclude', 'dbp_max_dim', 'dbp_linear', 'dbp_kron_max_dim', 'dbp_block_size')
 _REPO_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*')
 
 parser = argparse.ArgumentParser(
@@ -239,7 +240,7 @@ def _r_stats(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     for key, R in state_dict.items():
         if not key.endswith(('.decor_matrix', '.decor_spatial')) or R.numel() == 0:
             continue
-        eye = torch.eye(R.shape[0], dtype=torch.float64)
+        eye = identity_factor(R.shape, dtype=torch.float64)
         dists[key] = float((R.double() - eye).norm() / eye.norm())
         entries += R.numel()
         nbytes += R.numel() * R.element_size()
@@ -286,7 +287,7 @@ def _dbp_settings(args: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str,
                                 f'the first {steps} optimizer steps' if steps is not None else 'all of training')
     settings.update(structure=model_args.get('dbp_structure', 'full'), exclude=model_args.get('dbp_exclude') or (),
                     max_dim=model_args.get('dbp_max_dim'), linear=model_args.get('dbp_linear', True),
-                    kron_max_dim=model_args.get('dbp_kron_max_dim'))
+                    kron_max_dim=model_args.get('dbp_kron_max_dim'), block_size=model_args.get('dbp_block_size'))
     return settings
 
 

@@ -6,6 +6,7 @@ from .decor_layers import (
 from .sketched_conv import (
     MaskedReLU, SketchedConv2d, SketchedConvMixin, SketchedDecorConv2d, sketch_convs, sketched_conv2d, sketched_layers)
 from .decorrelation import (
-    MATMUL_DTYPE_NAMES, DecorrelationStep, auto_kappa, combine_kron_steps, decorrelation_loss, decorrelation_update_,
-    fused_weight, grouped_decorrelation_update_, kron_decorrelation_update_, kron_factor_inputs, kron_vector_positions,
+    MATMUL_DTYPE_NAMES, DecorrelationStep, auto_kappa, block_count, combine_kron_steps, decorrelation_loss,
+    decorrelation_update_, factor_problem, factor_product, factor_rows, factor_size, fused_weight,
+    grouped_decorrelation_update_, identity_factor, merge_block_steps, kron_decorrelation_update_, kron_factor_inputs, kron_vector_positions,
     matmul_dtype_named, offdiag_correlation, times_small_matrix)

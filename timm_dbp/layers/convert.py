@@ -17,7 +17,7 @@ from torch import nn
 from timm.layers import Linear as TimmLinear
 
 from .decor_layers import DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, DecorConv2d, DecorLayer, DecorLinear
-from .decorrelation import fused_weight
+from .decorrelation import fused_weight, identity_factor
 from .sketched_conv import SketchedConv2d, SketchedDecorConv2d, make_sketched
 
 __all__ = ['decorrelate', 'fold', 'fold_state_dict', 'fill_decor_matrices', 'decor_layers', 'exclude_patterns']
@@ -66,16 +66,16 @@ def _weights_read_directly(cls: type) -> FrozenSet[str]:
 
 def _to_dbp(
         module: nn.Module, name: str, exclude: Sequence[str], max_dim: Optional[int], conv: bool, linear: bool,
-        structure: str, kron_max_dim: Optional[int],
+        structure: str, kron_max_dim: Optional[int], block_size: Optional[int],
 ):
     if kron_max_dim is not None and isinstance(module, nn.Conv2d) and _decor_dim(module) > kron_max_dim:
         structure = 'channel'
     if conv and type(module) is SketchedConv2d:  # keeps its trace-estimated weight gradient
-        make = partial(_sketched_decor_conv, decor_structure=structure)
+        make = partial(_sketched_decor_conv, decor_structure=structure, decor_block_size=block_size)
     elif conv and type(module) is nn.Conv2d:
-        make = partial(DecorConv2d.from_conv, decor_structure=structure)
+        make = partial(DecorConv2d.from_conv, decor_structure=structure, decor_block_size=block_size)
     elif linear and type(module) in _CONVERTIBLE_LINEAR:
-        make = DecorLinear.from_linear
+        make = partial(DecorLinear.from_linear, decor_block_size=block_size)
     else:
         return None
     if any(fnmatch(name, pattern) for pattern in exclude):
@@ -85,8 +85,9 @@ def _to_dbp(
     return make(module)
 
 
-def _sketched_decor_conv(conv: SketchedConv2d, decor_structure: str) -> SketchedDecorConv2d:
-    return make_sketched(DecorConv2d.from_conv(conv, decor_structure=decor_structure), conv.sketch_probes,
+def _sketched_decor_conv(conv: SketchedConv2d, decor_structure: str,
+                         decor_block_size: Optional[int]) -> SketchedDecorConv2d:
+    return make_sketched(DecorConv2d.from_conv(conv, decor_structure, decor_block_size), conv.sketch_probes,
                          conv.sketch_seed)
 
 
@@ -98,6 +99,7 @@ def decorrelate(
         linear: bool = True,
         structure: str = DEFAULT_STRUCTURE,
         kron_max_dim: Optional[int] = None,
+        block_size: Optional[int] = None,
 ) -> nn.Module:
     """Convert the Conv2d / Linear layers of `model` to DBP form in place (same function: R = I).
 
@@ -117,6 +119,9 @@ def decorrelate(
         kron_max_dim: With structure 'kron', convs whose input dimension d exceeds it get a channel R instead (no
             spatial factor): the deep convs whose R_c acts on the input, where folding R_s into the large kernel
             twice a step is most of the fusion cost (BENCHMARKS section 37).
+        block_size: Every R over channels (channel, kron's R_c, the R of 1x1 convs and linear layers) wider than it
+            is block-diagonal, G equal blocks of at most block_size channels (`block_count`): c b numbers and an
+            update of n c b + c b^2 flops instead of c^2 and n c^2 + c^3 (BENCHMARKS section 41). None: dense.
 
     Returns:
         The converted model.
@@ -129,7 +134,9 @@ def decorrelate(
     if kron_max_dim is not None and (structure != 'kron' or kron_max_dim < 1):
         raise ValueError(f'kron_max_dim must be >= 1 or None and needs structure \'kron\', got {kron_max_dim} with '
                          f'structure {structure!r}')
-    converted = _to_dbp(model, '', exclude, max_dim, conv, linear, structure, kron_max_dim)
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f'block_size must be an int >= 1 or None, got {block_size!r}')
+    converted = _to_dbp(model, '', exclude, max_dim, conv, linear, structure, kron_max_dim, block_size)
     if converted is not None:
         return converted
     for name, module in list(model.named_modules()):
@@ -137,7 +144,7 @@ def decorrelate(
             full_name = f'{name}.{child_name}' if name else child_name
             if child_name in _weights_read_directly(type(module)):
                 continue
-            converted = _to_dbp(child, full_name, exclude, max_dim, conv, linear, structure, kron_max_dim)
+            converted = _to_dbp(child, full_name, exclude, max_dim, conv, linear, structure, kron_max_dim, block_size)
             if converted is not None:
                 setattr(module, child_name, converted)
     return model
@@ -178,7 +185,8 @@ def fold(model: nn.Module) -> nn.Module:
 def fold_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The state dict of the folded model, from a DBP state dict: every `<layer>.weight` becomes W R and every
     `<layer>.decor_matrix` / `.decor_spatial` is dropped, so DBP checkpoints load into the plain architecture.
-    R's structure is read from the shapes (a c x c `decor_matrix` with c < d is a channel factor)."""
+    R's structure is read from the shapes (a c x c `decor_matrix` with c < d is a channel factor, a G x b x b one is
+    block-diagonal)."""
     folded = dict(state_dict)
     for key in [k for k in state_dict if k.endswith('.decor_matrix')]:
         prefix = key[:-len('decor_matrix')]
@@ -196,5 +204,5 @@ def fill_decor_matrices(state_dict: Dict[str, torch.Tensor], model: nn.Module) -
             key = f'{name}.{buffer_name}'
             buffer = getattr(layer, buffer_name)
             if key not in state_dict and buffer.numel():
-                state_dict[key] = torch.eye(buffer.shape[0], dtype=layer.weight.dtype)
+                state_dict[key] = identity_factor(buffer.shape, dtype=layer.weight.dtype)
     return state_dict

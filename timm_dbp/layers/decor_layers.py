@@ -7,6 +7,8 @@ R's structure (`decor_structure`, see `timm_dbp.layers.decorrelation`):
     full     `decor_matrix` is d x d, d = C_in / groups * kh * kw (linear: d = in_features)
     channel  `decor_matrix` is c x c, c = C_in / groups: R_c on every input pixel (linear: same as full)
     kron     `decor_matrix` is c x c and `decor_spatial` s x s, s = kh * kw (a 1x1 conv: same as channel)
+With `decor_block_size` b, a `decor_matrix` over channels (channel, kron, any 1x1 conv or linear layer) wider than b
+is block-diagonal: G equal blocks of at most b channels, held as (G, c / G, c / G) (`block_count`).
 
 Forward: A = W R is fused into one ordinary conv / linear with the layer's own stride, padding, dilation,
 groups and bias. With a channel factor (channel, kron, and the R of any 1x1 conv), R_c is applied to the input
@@ -37,8 +39,9 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .decorrelation import (
-    DecorrelationStep, _index_tensor, combine_kron_steps, fused_weight, grouped_decorrelation_update_,
-    kron_factor_inputs, kron_vector_positions, matmul_dtype_named, operand_dtype, rounded_product)
+    DecorrelationStep, _index_tensor, block_count, combine_kron_steps, factor_problem, factor_product, factor_rows,
+    factor_size, fused_weight, grouped_decorrelation_update_, kron_factor_inputs, kron_vector_positions,
+    matmul_dtype_named, operand_dtype)
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
@@ -213,7 +216,7 @@ def sample_kron_factor_inputs(
     if in_order:
         rows = torch.arange(n * s, device=x.device).view(n, s)
     positions_s, positions_c = (kron_vector_positions(n, size, num_vectors, x.device)
-                                for size in (s, R_channel.shape[0]))
+                                for size in (s, factor_size(R_channel)))
     R_c, R_s = R_channel.float(), R_spatial.float()
     channel_vectors = F.embedding_bag(  # columns of P R_s^T
         rows.repeat_interleave(positions_s.shape[1], 0), pixels,
@@ -221,9 +224,9 @@ def sample_kron_factor_inputs(
     if channel_mixed:  # rows of R_c P as drawn: pixels[row of kernel position k, channel i]
         spatial_vectors = pixels[rows[:, None, :], positions_c[:, :, None]]
     else:
-        channel_vectors = rounded_product(channel_vectors, R_c.mT, operand_dtype(R_c.shape[0], matmul_dtype))
+        channel_vectors = factor_product(channel_vectors, R_c.mT, operand_dtype(R_c.shape[-1], matmul_dtype))
         patches = (pixels if in_order else pixels.index_select(0, rows.reshape(-1))).view(n, s, -1)
-        spatial_vectors = torch.einsum('nqc,nsc->nqs', R_c[positions_c], patches)
+        spatial_vectors = torch.einsum('nqc,nsc->nqs', factor_rows(R_c, positions_c), patches)
     return channel_vectors, spatial_vectors.reshape(-1, s) @ R_s.mT
 
 
@@ -337,7 +340,7 @@ class DecorLayer:
     `decor_corr` and `decor_kappa` (decorrelation loss and RMS off-diagonal correlation of the last sample before its
     update, and the kappa used; NaN before the first).
     """
-    __jit_unused_properties__ = ['decor_dim', 'decor_state_bytes']
+    __jit_unused_properties__ = ['decor_dim', 'decor_blocks', 'decor_state_bytes']
     decor_matrix: torch.Tensor
     decor_spatial: torch.Tensor
     decor_structure: str
@@ -347,9 +350,12 @@ class DecorLayer:
     decor_matmul_dtype: str
     decor_inputs: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
 
-    def _init_decor(self, structure: str = 'full', device=None, dtype=None) -> None:
+    def _init_decor(self, structure: str = 'full', block_size: Optional[int] = None, device=None, dtype=None) -> None:
         if structure not in DECOR_STRUCTURES:
             raise ValueError(f'decor_structure must be one of {DECOR_STRUCTURES}, got {structure!r}')
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise ValueError(f'decor_block_size must be an int >= 1 or None, got {block_size!r}')
         channels, positions = self._decor_factor_dims()
         if positions == 1:
             structure = 'full'  # one position (linear, 1x1 conv): channel and kron R are the full R
@@ -357,7 +363,9 @@ class DecorLayer:
         dd = {'device': device, 'dtype': dtype}
         d = channels * positions if structure == 'full' else channels
         s = positions if structure == 'kron' else 0
-        self.register_buffer('decor_matrix', torch.empty(d, d, **dd))
+        blocks = block_count(d, block_size) if d == channels else 1  # blocks only for a factor over channels
+        shape = (d, d) if blocks == 1 else (blocks, d // blocks, d // blocks)
+        self.register_buffer('decor_matrix', torch.empty(shape, **dd))
         self.register_buffer('decor_spatial', torch.empty(s, s, **dd), persistent=s > 0)
         self.register_buffer('decor_updates', torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer('decor_skipped', torch.zeros((), dtype=torch.long, device=device), persistent=False)
@@ -379,6 +387,11 @@ class DecorLayer:
         return self.weight[0].numel()
 
     @property
+    def decor_blocks(self) -> int:
+        """G, the number of diagonal blocks of R (its channel factor); 1 for a dense R."""
+        return self.decor_matrix.shape[0] if self.decor_matrix.dim() == 3 else 1
+
+    @property
     def decor_state_bytes(self) -> int:
         """Bytes held by R (all its factors)."""
         return sum(t.numel() * t.element_size() for t in (self.decor_matrix, self.decor_spatial))
@@ -391,7 +404,7 @@ class DecorLayer:
     def reset_decorrelation(self) -> None:
         """R <- I (the layer then computes exactly the plain layer), counters to zero."""
         if self.decor_matrix.device.type != 'meta':
-            nn.init.eye_(self.decor_matrix)
+            self.decor_matrix.zero_().diagonal(dim1=-2, dim2=-1).fill_(1)  # I, also block by block
             if self.decor_spatial.numel():
                 nn.init.eye_(self.decor_spatial)
             self.decor_updates.zero_()
@@ -441,8 +454,9 @@ class DecorLayer:
                 z = sample_conv_patches(x, self, self.decor_samples, generator).float()
             else:
                 z = sample_rows(x, self.decor_samples, generator).float()
-            self.decor_inputs = z if channel_mixed else rounded_product(
-                z, self.decor_matrix.float().mT, operand_dtype(z.shape[-1], matmul_dtype))
+            R = self.decor_matrix.float()
+            self.decor_inputs = z if channel_mixed else factor_product(
+                z, R.mT, operand_dtype(R.shape[-1], matmul_dtype))
 
     def take_decor_inputs(self) -> Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]:
         """Return and clear the sample stored by the last armed training forward: (n, d) decorrelated inputs z = R x,
@@ -457,13 +471,14 @@ class DecorLayer:
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """(R or one of its factors, the decorrelated vectors z it learns from) for each factor of R, from a sample
         (see `take_decor_inputs`): [(R, z)]; for a kron R its factors with their vectors, given as the stored pair or
-        computed here (`kron_factor_inputs`) from (n, c * s) / (n, c, s) patches P of x."""
+        computed here (`kron_factor_inputs`) from (n, c * s) / (n, c, s) patches P of x. A block-diagonal R (or R_c)
+        is one problem of G blocks (`factor_problem`)."""
         spatial = self._spatial_factor()
         if spatial is None:
-            return [(self.decor_matrix, inputs)]
+            return [factor_problem(self.decor_matrix, inputs)]
         if isinstance(inputs, torch.Tensor):
             inputs = kron_factor_inputs(self.decor_matrix, spatial, inputs)
-        return list(zip((self.decor_matrix, spatial), inputs))
+        return [factor_problem(self.decor_matrix, inputs[0]), (spatial, inputs[1])]
 
     def record_decorrelation(self, step: DecorrelationStep) -> torch.Tensor:
         """Count and log the steps of this layer's `decorrelation_problems` (fields of shape (factors,), as
@@ -501,20 +516,23 @@ class DecorConv2d(DecorLayer, nn.Conv2d):
     ('full', 'channel' or 'kron').
     """
 
-    def __init__(self, *args, decor_structure: str = 'full', device=None, dtype=None, **kwargs):
+    def __init__(self, *args, decor_structure: str = 'full', decor_block_size: Optional[int] = None, device=None,
+                 dtype=None, **kwargs):
         nn.Conv2d.__init__(self, *args, device=device, dtype=dtype, **kwargs)
-        self._init_decor(decor_structure, device=device, dtype=dtype)
+        self._init_decor(decor_structure, decor_block_size, device=device, dtype=dtype)
 
     def channel_factor_on_input(self, x: torch.Tensor) -> bool:
         """Whether the forward applies R_c to the input x (a 1x1 conv) instead of fusing it into W: R acts on
         channels (channel, kron, or any 1x1 conv) and x has fewer elements than the kernel."""
-        return self.decor_matrix.shape[0] == self.weight.shape[1] and x.numel() < self.weight.numel()
+        return factor_size(self.decor_matrix) == self.weight.shape[1] and x.numel() < self.weight.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         armed = self.training and self.decor_samples > 0
         if self.channel_factor_on_input(x):  # R_c on the input, the spatial factor (if any) fused into W
-            channel_kernel = self.decor_matrix.repeat(self.groups, 1)[:, :, None, None].to(x.dtype)
-            x = F.conv2d(x, channel_kernel, groups=self.groups)
+            R = self.decor_matrix  # (c, c), or (G, b, b): G b input-channel groups of one block each
+            blocks = R.shape[0] if R.dim() == 3 else 1
+            channel_kernel = R.reshape(-1, R.shape[-1]).repeat(self.groups, 1)[:, :, None, None].to(x.dtype)
+            x = F.conv2d(x, channel_kernel, groups=self.groups * blocks)
             if armed:
                 self._store_decor_inputs(x, True)
             spatial = self._spatial_factor()
@@ -525,24 +543,27 @@ class DecorConv2d(DecorLayer, nn.Conv2d):
         return self._conv_forward(x, self.decorrelated_weight(), self.bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, decor_structure: str = 'full') -> 'DecorConv2d':
-        """DBP twin of `conv` that shares its weight and bias tensors; R = I with the given structure."""
+    def from_conv(cls, conv: nn.Conv2d, decor_structure: str = 'full',
+                  decor_block_size: Optional[int] = None) -> 'DecorConv2d':
+        """DBP twin of `conv` that shares its weight and bias tensors; R = I with the given structure (and blocks
+        of at most decor_block_size channels)."""
         w = conv.weight
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
             dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device='meta', dtype=w.dtype,
         )
-        return _adopt(layer, conv, decor_structure)
+        return _adopt(layer, conv, decor_structure, decor_block_size)
 
 
 @register_notrace_module
 class DecorLinear(DecorLayer, nn.Linear):
     """nn.Linear with a decorrelation matrix on its inputs: y = x (W R)^T + b (R is always full)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 decor_block_size: Optional[int] = None, device=None, dtype=None):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_decor('full', device=device, dtype=dtype)
+        self._init_decor('full', decor_block_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.decor_samples > 0:
@@ -557,22 +578,23 @@ class DecorLinear(DecorLayer, nn.Linear):
         return F.linear(x, weight, self.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> 'DecorLinear':
-        """DBP twin of `linear` that shares its weight and bias tensors; R = I."""
+    def from_linear(cls, linear: nn.Linear, decor_block_size: Optional[int] = None) -> 'DecorLinear':
+        """DBP twin of `linear` that shares its weight and bias tensors; R = I (blocks of at most decor_block_size
+        features)."""
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             device='meta', dtype=linear.weight.dtype,
         )
-        return _adopt(layer, linear)
+        return _adopt(layer, linear, block_size=decor_block_size)
 
 
-def _adopt(layer: nn.Module, src: nn.Module, structure: str = 'full') -> nn.Module:
+def _adopt(layer: nn.Module, src: nn.Module, structure: str = 'full', block_size: Optional[int] = None) -> nn.Module:
     """Give a meta-built DBP `layer` the tensors of the plain `src` layer and a real R = I beside them."""
     layer.weight = src.weight
     layer.bias = src.bias
     layer.train(src.training)
     device, dtype = src.weight.device, src.weight.dtype
-    layer._init_decor(structure, device=device, dtype=dtype)
+    layer._init_decor(structure, block_size, device=device, dtype=dtype)
     return layer
 
 

@@ -52,6 +52,12 @@ Structured R for a conv, whose input patch is a (c x s) matrix P (c = channels p
     kron      R = R_c (x) R_s: z = R_c P R_s^T (Kronecker-factored channel x spatial); each factor takes the
               rule above on the vectors it acts on: R_c on the columns of P R_s^T, R_s on the rows of R_c P
 A structured R costs c^2 (+ s^2) numbers instead of c^2 s^2, and its update c^3 instead of c^3 s^3.
+
+Block-diagonal channel factor (any R over channels: channel, kron's R_c, the R of a 1x1 conv or a linear layer):
+R_c = diag(R_1, ..., R_G), G equal blocks of b = c / G channels, held as a (G, b, b) tensor. Block g decorrelates
+channels g b ... (g + 1) b - 1 only: each block takes the rule above on its own part of z, as G independent
+problems (one batched call). It costs c b numbers instead of c^2, and its update n c b + c b^2 flops instead of
+n c^2 + c^3; correlations between channels of different blocks are left in place.
 """
 import functools
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -61,7 +67,9 @@ import torch
 __all__ = [
     'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
     'kron_factor_inputs', 'kron_vector_positions', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa',
-    'offdiag_correlation', 'fused_weight', 'times_small_matrix', 'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM',
+    'offdiag_correlation', 'fused_weight', 'times_small_matrix', 'block_count', 'factor_size', 'factor_product',
+    'factor_rows', 'factor_problem', 'identity_factor', 'merge_block_steps', 'LOG_STAT_ROWS', 'POWER_ITERATIONS',
+    'BATCH_MAX_DIM',
     'KRON_MIN_VECTORS', 'SMALL_PRODUCT_CONV_MIN', 'MATMUL_DTYPES', 'MATMUL_DTYPE_NAMES', 'MATMUL_DTYPE_MIN_DIM',
     'matmul_dtype_named', 'operand_dtype', 'rounded_product']
 
@@ -93,6 +101,56 @@ class DecorrelationStep(NamedTuple):
     capped: torch.Tensor
 
 
+def block_count(c: int, block_size: Optional[int]) -> int:
+    """G, the fewest equal blocks of at most block_size channels that c channels split into (1: one dense c x c
+    factor; None: no limit)."""
+    if block_size is None or c <= block_size:
+        return 1
+    return next(g for g in range(-(-c // block_size), c + 1) if c % g == 0)
+
+
+def identity_factor(shape: Sequence[int], **tensor_kwargs) -> torch.Tensor:
+    """R = I of a factor's shape: (c, c), or (G, b, b) for a block-diagonal one."""
+    return torch.eye(shape[-1], **tensor_kwargs).expand(*shape).clone()
+
+
+def factor_size(R: torch.Tensor) -> int:
+    """The dimension a factor acts on: c for (c, c), G b for a block-diagonal (G, b, b)."""
+    return R.shape[-1] if R.dim() == 2 else R.shape[0] * R.shape[-1]
+
+
+def factor_product(v: torch.Tensor, R: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """v @ R for v (..., c) and a factor R, (c, c) or block-diagonal (G, b, b) (one bmm over the blocks, v's
+    channels g b ... (g + 1) b - 1 times block g). dtype: operands rounded to it with float32 results
+    (`rounded_product`); None: the plain product in v's dtype."""
+    if R.dim() == 2:
+        return v @ R if dtype is None else rounded_product(v, R, dtype)
+    blocks, b = R.shape[0], R.shape[-1]
+    v_blocks = v.reshape(-1, blocks, b).transpose(0, 1)  # (G, rows, b)
+    product = torch.bmm(v_blocks, R) if dtype is None else rounded_product(v_blocks, R, dtype)
+    return product.transpose(0, 1).reshape(v.shape)
+
+
+def factor_rows(R: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (integer tensor, any shape) of a factor as dense vectors, shape (*rows.shape, c); for a
+    block-diagonal R each row is zero outside its block."""
+    if R.dim() == 2:
+        return R[rows]
+    b = R.shape[-1]
+    block = torch.div(rows, b, rounding_mode='floor')
+    dense = R.new_zeros(rows.shape + (R.shape[0], b))
+    dense.scatter_(-2, block[..., None, None].expand(rows.shape + (1, b)), R[block, rows % b][..., None, :])
+    return dense.flatten(-2)
+
+
+def factor_problem(R: torch.Tensor, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(R, z) as `decorrelation_update_` takes them, from z (n, c): a block-diagonal R (G, b, b) is G problems,
+    block g learning from its channels' part of z, (G, n, b)."""
+    if R.dim() == 2:
+        return R, z
+    return R, z.reshape(-1, R.shape[0], R.shape[-1]).transpose(0, 1)
+
+
 def fused_weight(
         weight: torch.Tensor,
         R: Optional[torch.Tensor],
@@ -103,10 +161,11 @@ def fused_weight(
     A full R (d x d, d = weight[0].numel()) multiplies W viewed as (out, d). A channel factor R_c (c x c,
     c < d) and / or a spatial factor R_s (s x s) act on W viewed as (out, c, s): A_o = R_c^T W_o R_s, the
     same as W (R_c (x) R_s). R = None skips the channel factor (it is then applied to the input instead).
+    A block-diagonal R (G, b, b) is its dense block-diagonal matrix (`factor_product`).
     """
     out, d = weight.shape[0], weight[0].numel()
-    if R is not None and R.shape[0] == d:
-        A = weight.reshape(out, d) @ R.to(weight.dtype)
+    if R is not None and factor_size(R) == d:
+        A = factor_product(weight.reshape(out, d), R.to(weight.dtype))
     else:
         c = weight.shape[1]
         A = weight.reshape(out, c, -1)
@@ -114,7 +173,8 @@ def fused_weight(
             A = times_small_matrix(A, spatial.to(weight.dtype))  # A_o R_s for every o
         if R is not None:  # (A_o^T R_c)^T for all o as one (out s, c) x (c, c) product, not `out` small ones
             s = A.shape[2]
-            A = (A.transpose(1, 2).reshape(out * s, c) @ R.to(weight.dtype)).reshape(out, s, c).transpose(1, 2)
+            A = factor_product(A.transpose(1, 2).reshape(out * s, c), R.to(weight.dtype))
+            A = A.reshape(out, s, c).transpose(1, 2)
             A = A.contiguous()  # a transposed view would reach the conv as a channels-last kernel (other rounding)
     return A if A.shape == weight.shape else A.reshape(weight.shape)  # no needless view of A (see DecorLinear)
 
@@ -394,12 +454,16 @@ def grouped_decorrelation_update_(
     memory (full R of resnet18: 1 GiB more peak training memory); larger R's are updated one by one.
     decorrelated=True: every pair's inputs are its z = R x; matmul_dtype as for `decorrelation_update_`.
 
+    A pair may also hold the G blocks of a block-diagonal R with their inputs, (G, d, d) and (G, n, d)
+    (`factor_problem`): its step is the blocks' steps merged (`merge_block_steps`).
+
     Returns:
         The steps of all pairs as one `DecorrelationStep` whose fields have shape (len(problems),), pair i's at
         index i, on the first pair's device (kept stacked: splitting them costs one operation per pair and field).
     """
-    if not problems or any(R.ndim != 2 for R, _ in problems):
-        raise ValueError('grouped_decorrelation_update_ takes one or more (R, inputs) pairs of one R (d x d) each')
+    if not problems or any(R.ndim not in (2, 3) for R, _ in problems):
+        raise ValueError('grouped_decorrelation_update_ takes one or more (R, inputs) pairs of one R (d x d) or one '
+                         'block-diagonal R (G x d x d) each')
     rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step, decorrelated=decorrelated,
                 matmul_dtype=matmul_dtype)
     groups: Dict[tuple, List[int]] = {}
@@ -410,11 +474,14 @@ def grouped_decorrelation_update_(
     for members in groups.values():
         Rs = [problems[i][0] for i in members]
         if len(members) == 1 or Rs[0].shape[-1] > BATCH_MAX_DIM:
-            parts += [_flat_update_(*problems[i], **rule) for i in members]
+            steps = [_flat_update_(*problems[i], **rule) for i in members]
         else:
             batch = torch.stack(Rs)
-            parts.append(_flat_update_(batch, torch.stack([problems[i][1] for i in members]), **rule))
+            steps = [_flat_update_(batch, torch.stack([problems[i][1] for i in members]), **rule)]
             torch._foreach_copy_(Rs, list(batch.unbind(0)))
+        if Rs[0].ndim == 3:  # G blocks per pair
+            steps = [merge_block_steps(step, Rs[0].shape[0]) for step in steps]
+        parts += steps
         order += members
     device = problems[0][0].device
     fields = [torch.cat([field.to(device) for field in part_fields]) for part_fields in zip(*parts)]
@@ -422,6 +489,17 @@ def grouped_decorrelation_update_(
         where = _index_tensor(tuple(sorted(range(len(order)), key=order.__getitem__)), device)
         fields = [field[where] for field in fields]
     return DecorrelationStep(*fields)
+
+
+def merge_block_steps(step: DecorrelationStep, blocks: int) -> DecorrelationStep:
+    """One step per block-diagonal R from the steps of its G = `blocks` blocks (fields of shape (P G,), the blocks
+    of each R in a row): `applied` when every block was updated (a refused block keeps its value), `loss` and
+    `kappa` the blocks' mean, `correlation` the RMS over the blocks (each has the same number of off-diagonal
+    pairs), `rel_change` the largest, `capped` when any was. Fields of shape (P,)."""
+    fields = [field.view(-1, blocks) for field in step]
+    applied, loss, correlation, rel_change, kappa, capped = fields
+    return DecorrelationStep(applied.all(1), loss.mean(1), correlation.square().mean(1).sqrt(),
+                             rel_change.amax(1), kappa.mean(1), capped.any(1))
 
 
 @functools.lru_cache(maxsize=256)
@@ -462,7 +540,7 @@ def kron_factor_inputs(
     section 25 found no measurable time gain for 2 or 4 on a 2-core CPU, and lower accuracy on wide twins).
 
     Args:
-        R_channel: Channel factor, shape (c, c).
+        R_channel: Channel factor, shape (c, c), or block-diagonal (G, c / G, c / G).
         R_spatial: Spatial factor, shape (s, s).
         patches: Sampled conv patches P, shape (n, c * s) or (n, c, s).
         channel_mixed: The patches are R_c P already (drawn from the output of an input-side R_c): R_c is not applied.
@@ -471,7 +549,7 @@ def kron_factor_inputs(
     Returns:
         (channel vectors (n q, c), spatial vectors (n q', s)), float32.
     """
-    c, s = R_channel.shape[0], R_spatial.shape[0]
+    c, s = factor_size(R_channel), R_spatial.shape[0]
     P = patches.float().reshape(-1, c, s)
     n, num_vectors = P.shape[0], KRON_MIN_VECTORS if num_vectors is None else num_vectors
     positions_s, positions_c = (kron_vector_positions(n, size, num_vectors, P.device) for size in (s, c))
@@ -480,8 +558,8 @@ def kron_factor_inputs(
     if channel_mixed:
         spatial_vectors = P.gather(1, positions_c[:, :, None].expand(-1, -1, s))  # rows of R_c P, as drawn
     else:
-        channel_vectors = rounded_product(channel_vectors, R_c.mT, operand_dtype(c, matmul_dtype))
-        spatial_vectors = torch.einsum('nqc,ncs->nqs', R_c[positions_c], P)
+        channel_vectors = factor_product(channel_vectors, R_c.mT, operand_dtype(R_c.shape[-1], matmul_dtype))
+        spatial_vectors = torch.einsum('nqc,ncs->nqs', factor_rows(R_c, positions_c), P)
     return channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s) @ R_s.mT
 
 
@@ -527,16 +605,14 @@ def kron_decorrelation_update_(
     its value); the two steps are combined by `combine_kron_steps`.
 
     Args:
-        R_channel: Channel factor, shape (c, c); updated in place.
+        R_channel: Channel factor, shape (c, c) or block-diagonal (G, c / G, c / G); updated in place.
         R_spatial: Spatial factor, shape (s, s); updated in place.
         patches: Sampled conv patches P (not yet decorrelated), shape (n, c * s) or (n, c, s).
         lr, kappa, max_rel_change, max_step, matmul_dtype: As for `decorrelation_update_`.
     """
     channel_vectors, spatial_vectors = kron_factor_inputs(R_channel, R_spatial, patches)
-    rule = dict(lr=lr, kappa=kappa, max_rel_change=max_rel_change, max_step=max_step, decorrelated=True,
-                matmul_dtype=matmul_dtype)
-    return combine_kron_steps(
-        decorrelation_update_(R_channel, channel_vectors, **rule),
-        decorrelation_update_(R_spatial, spatial_vectors, **rule),
-        R_channel.shape[0], R_spatial.shape[0],
-    )
+    steps = grouped_decorrelation_update_(
+        [factor_problem(R_channel, channel_vectors), (R_spatial, spatial_vectors)], lr=lr, kappa=kappa,
+        max_rel_change=max_rel_change, max_step=max_step, decorrelated=True, matmul_dtype=matmul_dtype)
+    channel, spatial = (DecorrelationStep(*(field[i] for field in steps)) for i in (0, 1))
+    return combine_kron_steps(channel, spatial, factor_size(R_channel), R_spatial.shape[0])

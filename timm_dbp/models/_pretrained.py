@@ -14,7 +14,7 @@ from torch import nn
 
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
-from timm_dbp.layers import fused_weight
+from timm_dbp.layers import factor_size, fused_weight
 
 __all__ = [
     'PretrainedWeightsError', 'pretrained_source', 'fold_adapted_input_convs', 'check_pretrained_fits',
@@ -54,10 +54,12 @@ def pretrained_source(cfg: Mapping[str, Any]) -> str:
 
 def _r_structure(state_dict: Mapping[str, torch.Tensor], prefix: str) -> str:
     """The R structure a DBP state dict holds for the layer `prefix` (read from the shapes, as fold_state_dict does)."""
-    if prefix + 'decor_spatial' in state_dict:
-        return 'kron'
     R, weight = state_dict[prefix + 'decor_matrix'], state_dict.get(prefix + 'weight')
-    return 'full' if weight is None or R.shape[0] == weight[0].numel() else 'channel'
+    if prefix + 'decor_spatial' in state_dict:
+        structure = 'kron'
+    else:
+        structure = 'full' if weight is None or factor_size(R) == weight[0].numel() else 'channel'
+    return structure if R.dim() == 2 else f'{structure}, block-diagonal ({R.shape[0]} blocks of {R.shape[-1]})'
 
 
 def _names(value) -> Sequence[str]:
@@ -99,9 +101,11 @@ def check_pretrained_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
             continue
         hint = ''
         if key.endswith(('.decor_matrix', '.decor_spatial')):
-            structure = getattr(model, 'dbp_args', {}).get('structure')
+            dbp_args = getattr(model, 'dbp_args', {})
+            structure, block_size = dbp_args.get('structure'), dbp_args.get('block_size')
             hint = (f' (the weights have a {_r_structure(state_dict, key.rsplit(".", 1)[0] + ".")} R, the model '
-                    f'dbp_structure={structure!r}: build it with the dbp_structure the weights were trained with)')
+                    f'dbp_structure={structure!r}, dbp_block_size={block_size!r}: build it with the dbp_structure and '
+                    f'dbp_block_size the weights were trained with)')
         raise PretrainedWeightsError(
             f'{where}: {key} is {tuple(value.shape)} in the weights but {tuple(target[key].shape)} in the model{hint}')
     unexpected = [k for k in state_dict if k not in target and k not in skip]

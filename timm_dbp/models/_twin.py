@@ -28,13 +28,15 @@ def pop_dbp_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """Take a dbp_ model's own arguments out of `kwargs`, as `decorrelate()` arguments:
     dbp_exclude (fnmatch patterns of module names kept plain, see `exclude_patterns`), dbp_max_dim (keep layers with
     input dimension d above it plain), dbp_linear (decorrelate Linear layers too), dbp_structure (R of the convs:
-    'full', 'channel', 'kron') and dbp_kron_max_dim (kron convs with d above it take a channel R)."""
+    'full', 'channel', 'kron'), dbp_kron_max_dim (kron convs with d above it take a channel R) and dbp_block_size
+    (R's over channels wider than it are block-diagonal)."""
     return dict(
         exclude=exclude_patterns(kwargs.pop('dbp_exclude', ())),
         max_dim=kwargs.pop('dbp_max_dim', None),
         linear=kwargs.pop('dbp_linear', True),
         structure=kwargs.pop('dbp_structure', DEFAULT_STRUCTURE),
         kron_max_dim=kwargs.pop('dbp_kron_max_dim', None),
+        block_size=kwargs.pop('dbp_block_size', None),
     )
 
 
@@ -43,7 +45,7 @@ class DBPModel:
     built with, and a `reset_classifier` whose new classifier is converted by the same rule.
 
     `DBP<Class>(*args, dbp_exclude=..., dbp_max_dim=..., dbp_linear=..., dbp_structure=..., dbp_kron_max_dim=...,
-    **kwargs)` builds the timm class with its own arguments and converts it; the registered dbp_ entrypoints build
+    dbp_block_size=..., **kwargs)` builds the timm class with its own arguments and converts it; the registered dbp_ entrypoints build
     through timm instead."""
     dbp_args: Dict[str, Any]
 
@@ -117,7 +119,8 @@ def build_dbp_twin(
         pretrained: Load the weights of the pretrained cfg (timm's BP weights get R = I).
         timm_filter_fn: The timm family's checkpoint filter (run before `dbp_checkpoint_filter`).
         feature_cfg: The timm family's feature-extraction cfg (for features_only).
-        **kwargs: timm's model arguments plus dbp_exclude, dbp_max_dim, dbp_linear, dbp_structure, dbp_kron_max_dim.
+        **kwargs: timm's model arguments plus dbp_exclude, dbp_max_dim, dbp_linear, dbp_structure, dbp_kron_max_dim,
+            dbp_block_size.
     """
     if not variant.startswith('dbp_'):
         raise ValueError(f'a DBP twin is named dbp_<timm model>, got {variant!r}')
