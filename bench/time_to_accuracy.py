@@ -112,6 +112,11 @@ METHODS = {
     **{f'dbp_kron_dlr3e-3_bf16_de{e}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
                                                                 *BF16_DBP_FLAGS, '--decor-epochs', str(e)])
        for e in (1, 2, 4, 6)},
+    # block-diagonal R over channels (dbp_block_size b): R's over more than b channels as blocks of at most b, so
+    # the wide layers' update costs n c b + c b^2 instead of n c^2 + c^3 (resnet50's 1x1 convs of 1024 / 2048 channels)
+    **{f'dbp_kron_dlr3e-3_bf16_b{b}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
+                                                               f'dbp_block_size={b}', *BF16_DBP_FLAGS])
+       for b in (128, 256)},
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
