@@ -1,18 +1,17 @@
 """ Tests of block-diagonal R over channels (`block_size`, model kwarg dbp_block_size): maths against the dense
-block-diagonal matrix, the update block by block, models, checkpoints """
+block-diagonal matrix, the update block by block, the state of wide twins (a model's training, checkpoints and
+folding: tests/test_structured.py) """
 import copy
 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import timm_dbp
 from timm_dbp.layers import (
-    DecorConv2d, DecorLinear, block_count, decor_layers, decorrelate, decorrelation, decorrelation_update_, fold,
-    fold_state_dict, factor_problem, factor_product, factor_rows, grouped_decorrelation_update_, identity_factor,
-    kron_factor_inputs, offdiag_correlation, sample_kron_factor_inputs)
+    DecorConv2d, DecorLinear, block_count, decor_layers, decorrelate, decorrelation_update_, factor_problem,
+    factor_product, factor_rows, grouped_decorrelation_update_, identity_factor, kron_factor_inputs,
+    offdiag_correlation, sample_kron_factor_inputs)
 
 
 def _dense(R: torch.Tensor) -> torch.Tensor:
@@ -182,39 +181,3 @@ def test_resnet50_block_state_bytes():
         expected += 4 * (c * min(c, 256) + layer.decor_spatial.numel())
         assert layer.decor_blocks == max(1, c // 256)
     assert state_mib(dbp_block_size=256) == expected / 2 ** 20 < 25
-
-
-def test_block_model_trains_folds_loads_and_names_a_mismatch(tmp_path):
-    torch.manual_seed(0)
-    model = timm.create_model('dbp_test_resnet', num_classes=3, dbp_block_size=8)
-    assert any(layer.decor_blocks > 1 for _, layer in decor_layers(model))
-    opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, decor_lr=1e-2)
-    for _ in range(3):
-        F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.randint(0, 3, (4,))).backward()
-        opt.step()
-        opt.zero_grad()
-    assert all(layer.decor_updates.item() == 3 for _, layer in decor_layers(model))
-    blocked = [layer for _, layer in decor_layers(model) if layer.decor_blocks > 1]
-    assert all(not torch.equal(layer.decor_matrix, identity_factor(layer.decor_matrix.shape)) for layer in blocked)
-    model.eval()
-    x = torch.randn(2, 3, 40, 40)
-    expected = model(x)
-    path = tmp_path / 'dbp.pth'
-    torch.save(model.state_dict(), path)
-    loaded = timm.create_model('dbp_test_resnet', num_classes=3, dbp_block_size=8).eval()
-    timm.models.load_checkpoint(loaded, str(path))
-    torch.testing.assert_close(loaded(x), expected)
-    plain = timm.create_model('test_resnet', num_classes=3).eval()
-    plain.load_state_dict(fold_state_dict(model.state_dict()))
-    torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fold(copy.deepcopy(model))(x), expected, rtol=1e-4, atol=1e-5)
-    # plain weights start a block twin at R = I
-    plain_path = tmp_path / 'plain.pth'
-    torch.save(plain.state_dict(), plain_path)
-    started = timm.create_model('dbp_test_resnet', pretrained=True, num_classes=3, dbp_block_size=8,
-                                pretrained_cfg_overlay=dict(file=str(plain_path), num_classes=3)).eval()
-    torch.testing.assert_close(started(x), plain(x), rtol=0, atol=0)
-    # block weights into a dense twin: the error names both settings
-    with pytest.raises(timm_dbp.models.PretrainedWeightsError, match=r'block-diagonal .*dbp_block_size=None'):
-        timm.create_model('dbp_test_resnet', pretrained=True, num_classes=3,
-                          pretrained_cfg_overlay=dict(file=str(path), num_classes=3))

@@ -10,7 +10,7 @@ from torch import nn
 import timm_dbp
 from timm_dbp.layers import (
     DecorConv2d, DecorLinear, DecorrelationStep, decor_layers, decorrelation, decorrelation_update_, fold,
-    fold_state_dict, fused_weight, kron_decorrelation_update_, offdiag_correlation, record_decorrelation,
+    fold_state_dict, fused_weight, identity_factor, kron_decorrelation_update_, offdiag_correlation, record_decorrelation,
     sample_conv_patches, sample_kron_factor_inputs, sample_pixels, times_small_matrix,
 )
 
@@ -286,10 +286,12 @@ def test_structured_updates_decorrelate_patches(structure):
     assert torch.isfinite(layer.decor_loss) and torch.isfinite(layer.decor_corr)
 
 
-@pytest.mark.parametrize('structure', ['channel', 'kron'])
-def test_structured_model_trains_folds_and_loads(structure, tmp_path):
+@pytest.mark.parametrize('structure, block_size', [('channel', None), ('kron', None), ('kron', 8)])
+def test_structured_model_trains_folds_and_loads(structure, block_size, tmp_path):
+    """block_size: R's over more channels block-diagonal (tests/test_blocks.py)"""
     torch.manual_seed(0)
-    model = timm.create_model('dbp_test_resnet', num_classes=3, dbp_structure=structure)
+    dbp_kwargs = dict(dbp_structure=structure, dbp_block_size=block_size)
+    model = timm.create_model('dbp_test_resnet', num_classes=3, **dbp_kwargs)
     opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, decor_lr=1e-2)
     for _ in range(3):
         F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.randint(0, 3, (4,))).backward()
@@ -298,14 +300,15 @@ def test_structured_model_trains_folds_and_loads(structure, tmp_path):
     convs = [layer for _, layer in decor_layers(model) if isinstance(layer, DecorConv2d)]
     assert any(layer.decor_structure == structure for layer in convs)
     assert all(layer.decor_updates.item() == 3 for _, layer in decor_layers(model))
-    assert any(not torch.equal(layer.decor_matrix, torch.eye(len(layer.decor_matrix))) for layer in convs)
+    assert any(not torch.equal(layer.decor_matrix, identity_factor(layer.decor_matrix.shape)) for layer in convs)
+    assert any(layer.decor_blocks > 1 for layer in convs) == (block_size is not None)
     model.eval()
     x = torch.randn(2, 3, 40, 40)
     expected = model(x)
     # checkpoint round trip keeps every factor
     path = tmp_path / 'dbp.pth'
     torch.save(model.state_dict(), path)
-    loaded = timm.create_model('dbp_test_resnet', num_classes=3, dbp_structure=structure).eval()
+    loaded = timm.create_model('dbp_test_resnet', num_classes=3, **dbp_kwargs).eval()
     timm.models.load_checkpoint(loaded, str(path))
     torch.testing.assert_close(loaded(x), expected)
     # folding, in the model and in the state dict, gives timm's plain twin
@@ -316,9 +319,13 @@ def test_structured_model_trains_folds_and_loads(structure, tmp_path):
     # timm BP weights start a structured twin at R = I
     plain_path = tmp_path / 'plain.pth'
     torch.save(plain.state_dict(), plain_path)
-    started = timm.create_model('dbp_test_resnet', pretrained=True, num_classes=3, dbp_structure=structure,
+    started = timm.create_model('dbp_test_resnet', pretrained=True, num_classes=3, **dbp_kwargs,
                                 pretrained_cfg_overlay=dict(file=str(plain_path), num_classes=3)).eval()
     torch.testing.assert_close(started(x), plain(x), rtol=0, atol=0)
+    if block_size is not None:  # block weights into a dense twin: the error names both settings
+        with pytest.raises(timm_dbp.models.PretrainedWeightsError, match=r'block-diagonal .*dbp_block_size=None'):
+            timm.create_model('dbp_test_resnet', pretrained=True, num_classes=3, dbp_structure=structure,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=3))
 
 
 def test_resnet18_state_bytes_by_structure():
