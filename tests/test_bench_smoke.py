@@ -88,12 +88,13 @@ def test_sketched_conv_smoke(tmp_path):
 
 
 def test_memory_smoke(tmp_path):
-    _run('memory.py', '--models', 'test_resnet', '--img-size', '32', '-b', '2', '--steps', '1',
+    _run('memory.py', '--models', 'test_resnet', '--img-size', '32', '-b', '2', '--steps', '1', '--block-sizes', '16',
          '--out', str(tmp_path / 'm'))
     row = json.loads((tmp_path / 'm.json').read_text())['results'][0]
     state = row['decor_state_bytes']
-    assert state['full'] > state['kron'] > state['channel'] > 0
-    assert set(row['peak']) == {'bp', 'full', 'channel', 'kron'} and all(p['peak'] > 0 for p in row['peak'].values())
+    assert state['full'] > state['kron'] > state['channel'] > 0 and 0 < state['kron_b16'] < state['kron']
+    assert set(row['peak']) == {'bp', 'full', 'channel', 'kron', 'kron_b16'}
+    assert all(p['peak'] > 0 for p in row['peak'].values())
     assert (tmp_path / 'm.png').exists()
 
 
