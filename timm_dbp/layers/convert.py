@@ -17,7 +17,7 @@ from torch import nn
 from timm.layers import Linear as TimmLinear
 
 from .decor_layers import DECOR_LAYERS, DECOR_STRUCTURES, DEFAULT_STRUCTURE, DecorConv2d, DecorLayer, DecorLinear
-from .decorrelation import fused_weight, identity_factor
+from .decorrelation import check_block_size, fused_weight, identity_factor
 from .sketched_conv import SketchedConv2d, SketchedDecorConv2d, make_sketched
 
 __all__ = ['decorrelate', 'fold', 'fold_state_dict', 'fill_decor_matrices', 'decor_layers', 'exclude_patterns']
@@ -134,8 +134,7 @@ def decorrelate(
     if kron_max_dim is not None and (structure != 'kron' or kron_max_dim < 1):
         raise ValueError(f'kron_max_dim must be >= 1 or None and needs structure \'kron\', got {kron_max_dim} with '
                          f'structure {structure!r}')
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f'block_size must be an int >= 1 or None, got {block_size!r}')
+    check_block_size(block_size)
     converted = _to_dbp(model, '', exclude, max_dim, conv, linear, structure, kron_max_dim, block_size)
     if converted is not None:
         return converted

@@ -39,7 +39,7 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .decorrelation import (
-    DecorrelationStep, _index_tensor, block_count, combine_kron_steps, factor_problem, factor_product, factor_rows,
+    DecorrelationStep, _index_tensor, block_count, check_block_size, combine_kron_steps, factor_problem, factor_product, factor_rows,
     factor_size, fused_weight, grouped_decorrelation_update_, kron_factor_inputs, kron_vector_positions,
     matmul_dtype_named, operand_dtype)
 
@@ -353,9 +353,7 @@ class DecorLayer:
     def _init_decor(self, structure: str = 'full', block_size: Optional[int] = None, device=None, dtype=None) -> None:
         if structure not in DECOR_STRUCTURES:
             raise ValueError(f'decor_structure must be one of {DECOR_STRUCTURES}, got {structure!r}')
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                       or block_size < 1):
-            raise ValueError(f'decor_block_size must be an int >= 1 or None, got {block_size!r}')
+        check_block_size(block_size, 'decor_block_size')
         channels, positions = self._decor_factor_dims()
         if positions == 1:
             structure = 'full'  # one position (linear, 1x1 conv): channel and kron R are the full R

@@ -68,7 +68,7 @@ __all__ = [
     'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
     'kron_factor_inputs', 'kron_vector_positions', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa',
     'offdiag_correlation', 'fused_weight', 'times_small_matrix', 'block_count', 'factor_size', 'factor_product',
-    'factor_rows', 'factor_problem', 'identity_factor', 'merge_block_steps', 'LOG_STAT_ROWS', 'POWER_ITERATIONS',
+    'factor_rows', 'factor_problem', 'identity_factor', 'merge_block_steps', 'check_block_size', 'LOG_STAT_ROWS', 'POWER_ITERATIONS',
     'BATCH_MAX_DIM',
     'KRON_MIN_VECTORS', 'SMALL_PRODUCT_CONV_MIN', 'MATMUL_DTYPES', 'MATMUL_DTYPE_NAMES', 'MATMUL_DTYPE_MIN_DIM',
     'matmul_dtype_named', 'operand_dtype', 'rounded_product']
@@ -99,6 +99,12 @@ class DecorrelationStep(NamedTuple):
     rel_change: torch.Tensor
     kappa: torch.Tensor
     capped: torch.Tensor
+
+
+def check_block_size(block_size: Optional[int], name: str = 'block_size') -> None:
+    """Raise ValueError unless block_size (the argument `name`) is an int >= 1 or None."""
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f'{name} must be an int >= 1 or None, got {block_size!r}')
 
 
 def block_count(c: int, block_size: Optional[int]) -> int:
