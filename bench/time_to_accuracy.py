@@ -118,6 +118,10 @@ METHODS = {
                                                                f'dbp_block_size={b}', *BF16_DBP_FLAGS])
        for b in (128, 256)},
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
+    # ... the same with block-diagonal R's (the wide twins' option, for families trained with AdamW: ConvNeXt)
+    **{f'dbp_adamw_b{b}': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron',
+                                                                  f'dbp_block_size={b}', '--kappa', '0'])
+       for b in (128, 256)},
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
     **{f'xconv{r}_sgd': ('', 'sgd', 0.05, ['--sketch-probes', str(r)]) for r in (2, 8, 32)},
