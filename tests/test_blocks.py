@@ -10,8 +10,8 @@ from torch import nn
 
 from timm_dbp.layers import (
     DecorConv2d, DecorLinear, block_count, decor_layers, decorrelate, decorrelation_update_, factor_problem,
-    factor_product, factor_rows, grouped_decorrelation_update_, identity_factor, kron_factor_inputs,
-    offdiag_correlation, sample_kron_factor_inputs)
+    factor_product, factor_rows, grouped_decorrelation_update_, identity_factor, kron_decorrelation_update_,
+    kron_factor_inputs, off_diagonal_pairs, offdiag_correlation, sample_kron_factor_inputs)
 
 
 def _dense(R: torch.Tensor) -> torch.Tensor:
@@ -133,6 +133,40 @@ def test_kron_factor_inputs_with_a_block_channel_factor(channel_mixed):
                for R in (R_c, _dense(R_c))]
     for got, want in zip(*samples):
         torch.testing.assert_close(got, want)
+
+
+def _kron_block_steps(R_c, R_s, channel_vectors, spatial_vectors):
+    """The expected update of a kron R with a (3, 4, 4) block R_c and a 3 x 3 kernel's R_s, in place, block by block;
+    returns the RMS correlation over the 3 * 4 * 3 channel and 9 * 8 spatial off-diagonal pairs."""
+    blocks = [decorrelation_update_(R_c[g], channel_vectors[:, 4 * g:4 * g + 4], lr=0.1, kappa=0.0,
+                                    decorrelated=True) for g in range(3)]
+    spatial = decorrelation_update_(R_s, spatial_vectors, lr=0.1, kappa=0.0, decorrelated=True)
+    squares = sum(step.correlation.square() * 4 * 3 for step in blocks) + spatial.correlation.square() * 9 * 8
+    return (squares / (3 * 4 * 3 + 9 * 8)).sqrt()
+
+
+def test_kron_block_update_logs_the_rms_over_every_decorrelated_pair():
+    """A kron R with a block R_c reports the RMS correlation over its G b (b - 1) channel pairs and s (s - 1)
+    spatial pairs (pairs across blocks are not decorrelated and do not count), from a layer and from the function."""
+    torch.manual_seed(0)
+    layer = _perturbed(DecorConv2d.from_conv(nn.Conv2d(12, 4, 3, padding=1), 'kron', decor_block_size=4))
+    assert off_diagonal_pairs(layer.decor_matrix) == 3 * 4 * 3 and off_diagonal_pairs(layer.decor_spatial) == 9 * 8
+    layer.decor_samples = 256
+    layer(torch.einsum('dc,bchw->bdhw', torch.eye(12) + 0.5 * torch.randn(12, 12), torch.randn(8, 12, 6, 6)))
+    inputs = layer.take_decor_inputs()
+    R_c, R_s = layer.decor_matrix.clone(), layer.decor_spatial.clone()
+    expected = _kron_block_steps(R_c, R_s, *inputs)
+    assert bool(layer.update_decorrelation(inputs, lr=0.1, kappa=0.0))
+    torch.testing.assert_close(layer.decor_matrix, R_c)
+    torch.testing.assert_close(layer.decor_spatial, R_s)
+    torch.testing.assert_close(layer.decor_corr, expected)
+
+    patches = torch.randn(64, 12, 9) + torch.randn(64, 1, 9)  # correlated channels
+    got_c, got_s = R_c.clone(), R_s.clone()
+    step = kron_decorrelation_update_(got_c, got_s, patches, lr=0.1, kappa=0.0)
+    expected = _kron_block_steps(R_c, R_s, *kron_factor_inputs(R_c, R_s, patches))
+    torch.testing.assert_close(got_c, R_c)
+    torch.testing.assert_close(step.correlation, expected)
 
 
 def test_block_updates_decorrelate_each_block():

@@ -8,5 +8,6 @@ from .sketched_conv import (
 from .decorrelation import (
     MATMUL_DTYPE_NAMES, DecorrelationStep, auto_kappa, block_count, combine_kron_steps, decorrelation_loss,
     decorrelation_update_, factor_problem, factor_product, factor_rows, factor_size, fused_weight,
-    grouped_decorrelation_update_, identity_factor, merge_block_steps, kron_decorrelation_update_, kron_factor_inputs, kron_vector_positions,
-    matmul_dtype_named, offdiag_correlation, times_small_matrix)
+    grouped_decorrelation_update_, identity_factor, kron_decorrelation_update_, kron_factor_inputs,
+    kron_vector_positions, matmul_dtype_named, merge_block_steps, off_diagonal_pairs, offdiag_correlation,
+    times_small_matrix)

@@ -104,8 +104,9 @@ def decorrelate(
     """Convert the Conv2d / Linear layers of `model` to DBP form in place (same function: R = I).
 
     Which layers: exact nn.Conv2d, nn.Linear and timm.layers.Linear (subclasses such as StdConv2d or Conv2dSame
-    change the maths and are left alone; a SketchedConv2d becomes a SketchedDecorConv2d), except a layer whose parent's forward reads its weight directly (BEiT / EVA
-    attention's `F.linear(x, self.qkv.weight, ...)`: its R would never be applied). Norms, embeddings, tokens and
+    change the maths and are left alone; a SketchedConv2d becomes a SketchedDecorConv2d), except a layer whose
+    parent's forward reads its weight directly (BEiT / EVA attention's `F.linear(x, self.qkv.weight, ...)`: its R
+    would never be applied). Norms, embeddings, tokens and
     every other module are left as they are. Weight and bias tensors are kept, not copied.
 
     Args:

@@ -39,9 +39,9 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .decorrelation import (
-    DecorrelationStep, _index_tensor, block_count, check_block_size, combine_kron_steps, factor_problem, factor_product, factor_rows,
-    factor_size, fused_weight, grouped_decorrelation_update_, kron_factor_inputs, kron_vector_positions,
-    matmul_dtype_named, operand_dtype)
+    DecorrelationStep, _index_tensor, block_count, check_block_size, combine_kron_steps, factor_problem,
+    factor_product, factor_rows, factor_size, fused_weight, grouped_decorrelation_update_, kron_factor_inputs,
+    kron_vector_positions, matmul_dtype_named, off_diagonal_pairs, operand_dtype)
 
 __all__ = [
     'DecorConv2d', 'DecorLinear', 'DecorLayer', 'DECOR_LAYERS', 'DECOR_STRUCTURES', 'find_decor_layer',
@@ -286,10 +286,11 @@ def find_decor_layer(param: torch.Tensor) -> Optional['DecorLayer']:
 
 
 @functools.lru_cache(maxsize=64)
-def _factor_dims(dims: Tuple[Tuple[int, int], ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(c, s) of a list of kron layers as two tensors on `device`, made once (no host-to-device copy per step)."""
-    c, s = torch.tensor(dims, device=device).unbind(1)
-    return c, s
+def _factor_pairs(pairs: Tuple[Tuple[int, int], ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The `off_diagonal_pairs` of (R_c, R_s) of a list of kron layers as two tensors on `device`, made once (no
+    host-to-device copy per step)."""
+    channel, spatial = torch.tensor(pairs, device=device).unbind(1)
+    return channel, spatial
 
 
 @torch.no_grad()
@@ -318,8 +319,8 @@ def record_decorrelation(layers: Sequence['DecorLayer'], step: DecorrelationStep
         if factors == 1:
             group_step = per_factor[0]
         else:
-            group_step = combine_kron_steps(
-                *per_factor, *_factor_dims(tuple(l._decor_factor_dims() for l in group), device))
+            pairs = tuple((off_diagonal_pairs(l.decor_matrix), off_diagonal_pairs(l.decor_spatial)) for l in group)
+            group_step = combine_kron_steps(*per_factor, *_factor_pairs(pairs, device))
         for name, value in (('decor_updates', group_step.applied), ('decor_skipped', ~group_step.applied),
                             ('decor_capped', group_step.capped & group_step.applied)):
             torch._foreach_add_([getattr(l, name) for l in group], list(value.long().unbind()))

@@ -66,12 +66,12 @@ import torch
 
 __all__ = [
     'DecorrelationStep', 'decorrelation_update_', 'grouped_decorrelation_update_', 'kron_decorrelation_update_',
-    'kron_factor_inputs', 'kron_vector_positions', 'combine_kron_steps', 'decorrelation_loss', 'auto_kappa',
-    'offdiag_correlation', 'fused_weight', 'times_small_matrix', 'block_count', 'factor_size', 'factor_product',
-    'factor_rows', 'factor_problem', 'identity_factor', 'merge_block_steps', 'check_block_size', 'LOG_STAT_ROWS', 'POWER_ITERATIONS',
-    'BATCH_MAX_DIM',
-    'KRON_MIN_VECTORS', 'SMALL_PRODUCT_CONV_MIN', 'MATMUL_DTYPES', 'MATMUL_DTYPE_NAMES', 'MATMUL_DTYPE_MIN_DIM',
-    'matmul_dtype_named', 'operand_dtype', 'rounded_product']
+    'kron_factor_inputs', 'kron_vector_positions', 'off_diagonal_pairs', 'combine_kron_steps', 'decorrelation_loss',
+    'auto_kappa', 'offdiag_correlation', 'fused_weight', 'times_small_matrix', 'block_count', 'factor_size',
+    'factor_product', 'factor_rows', 'factor_problem', 'identity_factor', 'merge_block_steps', 'check_block_size',
+    'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM', 'KRON_MIN_VECTORS', 'SMALL_PRODUCT_CONV_MIN',
+    'MATMUL_DTYPES', 'MATMUL_DTYPE_NAMES', 'MATMUL_DTYPE_MIN_DIM', 'matmul_dtype_named', 'operand_dtype',
+    'rounded_product']
 
 LOG_STAT_ROWS = 256  # rows of a sample (n < d) used for the logged loss / correlation (cost n^2 d)
 POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
@@ -569,20 +569,27 @@ def kron_factor_inputs(
     return channel_vectors.reshape(-1, c), spatial_vectors.reshape(-1, s) @ R_s.mT
 
 
+def off_diagonal_pairs(R: torch.Tensor) -> int:
+    """How many off-diagonal entries of z z^T a factor decorrelates: c (c - 1) for (c, c), G b (b - 1) for a
+    block-diagonal (G, b, b) (pairs of channels in different blocks are left alone)."""
+    blocks = R.shape[0] if R.dim() == 3 else 1
+    return blocks * R.shape[-1] * (R.shape[-1] - 1)
+
+
 def combine_kron_steps(
         channel: DecorrelationStep,
         spatial: DecorrelationStep,
-        c: Union[int, torch.Tensor],
-        s: Union[int, torch.Tensor],
+        pairs_channel: Union[int, torch.Tensor],
+        pairs_spatial: Union[int, torch.Tensor],
 ) -> DecorrelationStep:
     """One step for R = R_c (x) R_s from its factors' steps: `applied` when both were updated, `loss` the sum of
-    the two losses, `correlation` the RMS over both factors' off-diagonal entries (c (c - 1) and s (s - 1) of
-    them), `rel_change` the larger, `kappa` the mean, `capped` when either was capped. Steps of a batch of R's take
-    tensors c and s of the batch's shape."""
-    pairs_c, pairs_s = c * (c - 1), s * (s - 1)
-    pairs = pairs_c + pairs_s
+    the two losses, `correlation` the RMS over both factors' off-diagonal entries (`off_diagonal_pairs` of each),
+    `rel_change` the larger, `kappa` the mean, `capped` when either was capped. Steps of a batch of R's take
+    tensors of pair counts of the batch's shape."""
+    pairs = pairs_channel + pairs_spatial
     pairs = pairs.clamp_min(1) if isinstance(pairs, torch.Tensor) else max(pairs, 1)
-    correlation = ((channel.correlation.square() * pairs_c + spatial.correlation.square() * pairs_s) / pairs).sqrt()
+    correlation = ((channel.correlation.square() * pairs_channel + spatial.correlation.square() * pairs_spatial)
+                   / pairs).sqrt()
     return DecorrelationStep(
         channel.applied & spatial.applied,
         channel.loss + spatial.loss,
@@ -621,4 +628,4 @@ def kron_decorrelation_update_(
         [factor_problem(R_channel, channel_vectors), (R_spatial, spatial_vectors)], lr=lr, kappa=kappa,
         max_rel_change=max_rel_change, max_step=max_step, decorrelated=True, matmul_dtype=matmul_dtype)
     channel, spatial = (DecorrelationStep(*(field[i] for field in steps)) for i in (0, 1))
-    return combine_kron_steps(channel, spatial, factor_size(R_channel), R_spatial.shape[0])
+    return combine_kron_steps(channel, spatial, off_diagonal_pairs(R_channel), off_diagonal_pairs(R_spatial))
