@@ -46,6 +46,7 @@ import timm_dbp
 import train
 from timm_dbp.data import FASHION_MNIST_CLASSES
 from timm_dbp.layers import identity_factor
+from timm_dbp.models import DBP_MODEL_KWARGS, dbp_model_kwargs, pop_dbp_args
 from timm_dbp.optim import DBP_DEFAULTS
 from timm_dbp.utils.checkpoint import CheckpointError, load_checkpoint_file
 from train import UserError
@@ -66,7 +67,7 @@ _SOURCE_KEYS = ('url', 'file', 'state_dict', 'hf_hub_id', 'hf_hub_filename', 'so
 _PATH_ARGS = {'data_dir': 'DATA_DIR', 'data': 'DATA_DIR', 'output': 'OUTPUT', 'initial_checkpoint': 'CHECKPOINT',
               'resume': 'CHECKPOINT', 'pretrained_path': 'CHECKPOINT', 'class_map': 'CLASS_MAP'}
 _RUNTIME_ARGS = ('device', 'local_rank', 'device_modules')  # facts of the machine, not of the recipe
-_DBP_KWARGS = ('dbp_structure', 'dbp_exclude', 'dbp_max_dim', 'dbp_linear', 'dbp_kron_max_dim', 'dbp_block_size')
+_DBP_KWARGS = tuple(kwarg for kwarg, _ in DBP_MODEL_KWARGS.values())
 _REPO_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*')
 
 parser = argparse.ArgumentParser(
@@ -273,7 +274,9 @@ def _dataset(args: Dict[str, Any], dataset_id: Optional[str]) -> Tuple[str, Opti
 _SETTINGS_OF_OLDER_RUNS = {'decor_max_step': None, 'decor_vectors_per_patch': 1, 'decor_matmul_dtype': 'float32'}
 
 
-def _dbp_settings(args: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str, Any]:
+def _dbp_settings(args: Dict[str, Any], dbp_args: Dict[str, Any]) -> Dict[str, Any]:
+    """The card's DBP settings: the optimizer's (train.py's flags and --opt-kwargs, else their defaults) and the
+    model's `decorrelate()` arguments `dbp_args`."""
     opt_args = dict(args.get('opt_args') or {})
     settings = {}
     for name in train.DBP_SHORTCUTS:  # the settings train.py takes as --decor-* / --kappa flags
@@ -285,9 +288,7 @@ def _dbp_settings(args: Dict[str, Any], model_args: Dict[str, Any]) -> Dict[str,
     epochs, steps = args.get('decor_epochs'), opt_args.get('decor_steps')  # R learned only that long, then fixed
     settings['decor_learns'] = (f'the first {epochs:g} epochs' if epochs is not None else
                                 f'the first {steps} optimizer steps' if steps is not None else 'all of training')
-    settings.update(structure=model_args.get('dbp_structure', 'full'), exclude=model_args.get('dbp_exclude') or (),
-                    max_dim=model_args.get('dbp_max_dim'), linear=model_args.get('dbp_linear', True),
-                    kron_max_dim=model_args.get('dbp_kron_max_dim'), block_size=model_args.get('dbp_block_size'))
+    settings.update(dbp_args)
     return settings
 
 
@@ -400,6 +401,11 @@ def export_folder(
     with torch.no_grad():
         reference = model(x)
     architecture, published_args = trained_arch, dict(model_args)
+    # what the model was built with (its entrypoint's defaults included), pinned in the DBP form's config.json
+    dbp_args = getattr(model, 'dbp_args', None) or pop_dbp_args(dict(model_args))
+    if has_dbp and not fold:
+        published_args = {k: v for k, v in model_args.items() if k not in _DBP_KWARGS}
+        published_args.update(dbp_model_kwargs(dbp_args))
     if fold and not has_dbp:
         _logger.info(f'--fold: {trained_arch} has no DBP layers, nothing to fold; published as it is')
     if fold and has_dbp:
@@ -460,7 +466,7 @@ def export_folder(
         total_train_time=_float(rows[-1], 'train_time') if rows else checkpoint.get('train_time'),
         energy_kwh=_float(rows[-1], 'train_energy_kwh') if rows else None,
         co2_kg=_float(rows[-1], 'train_co2_kg') if rows else None,
-        dbp_settings=_dbp_settings(args, model_args) if has_dbp else {},
+        dbp_settings=_dbp_settings(args, dbp_args) if has_dbp else {},
         recipe={k: args.get(k) for k in ('opt', 'lr', 'momentum', 'weight_decay', 'batch_size', 'sched', 'epochs',
                                           'device', 'world_size')},
         corr_first=_float(rows[0], 'train_decor_corr') if rows else None,

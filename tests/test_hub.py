@@ -173,6 +173,18 @@ def test_dbp_settings_say_how_long_R_learned():
     assert publish._dbp_settings(dict(decor_epochs=None), {})['decor_learns'] == 'all of training'
 
 
+def test_a_run_with_the_default_structure_is_published_with_it_pinned(checkpoint, tmp_path):
+    """A run without --model-kwargs built its twin with the library's default R structure (kron): the card says so,
+    and config.json names it, so the weights load whatever the default of a later release."""
+    args = {k: v for k, v in vars(checkpoint['args']).items() if k != 'model_kwargs'}
+    target = tmp_path / 'default.pth.tar'
+    torch.save(dict(checkpoint, args=__import__('argparse').Namespace(**args)), target)
+    out = _export(target, tmp_path / 'out')
+    assert '| R structure (dbp_structure) | kron |' in (out / 'README.md').read_text()
+    config = json.loads((out / 'config.json').read_text())
+    assert config['model_args'] == dict(dbp_structure='kron', in_chans=1, num_classes=10, global_pool='avg')
+
+
 def test_run_folder_png_is_published_as_is(run_dir, tmp_path):
     run = tmp_path / 'run'
     shutil.copytree(run_dir, run)

@@ -146,6 +146,21 @@ def test_dbp_exclude_as_a_string_is_one_pattern_or_a_comma_list():
         timm.create_model('dbp_resnet18', device='meta', dbp_exclude=[4])
 
 
+@pytest.mark.parametrize('kwargs', [
+    {}, dict(dbp_structure='full'), dict(dbp_exclude='layer4.*, fc', dbp_max_dim=1152, dbp_linear=False),
+    dict(dbp_kron_max_dim=1152, dbp_block_size=128)])
+def test_dbp_model_kwargs_build_the_same_model_again(kwargs):
+    """dbp_model_kwargs(model.dbp_args) (what the Hub config pins) is the inverse of pop_dbp_args, and names the R
+    structure even when it was the default."""
+    model = timm.create_model('dbp_resnet18', device='meta', **kwargs)
+    pinned = timm_dbp.dbp_model_kwargs(model.dbp_args)
+    assert pinned['dbp_structure'] == kwargs.get('dbp_structure', 'kron')
+    assert set(pinned) == set(kwargs) | {'dbp_structure'}
+    again = timm.create_model('dbp_resnet18', device='meta', **pinned)
+    assert again.dbp_args == model.dbp_args
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
 def test_features_only_and_forward_head():
     model = timm.create_model('dbp_test_resnet', features_only=True, out_indices=(1, 3))
     feats = model(torch.randn(1, 3, 64, 64))

@@ -1,5 +1,5 @@
 from ._pretrained import PretrainedWeightsError
-from ._twin import DBPModel, build_dbp_twin, dbp_checkpoint_filter
+from ._twin import DBP_MODEL_KWARGS, DBPModel, build_dbp_twin, dbp_checkpoint_filter, dbp_model_kwargs, pop_dbp_args
 from .dbp_convnext import *
 from .dbp_efficientnet import *
 from .dbp_mobilenetv3 import *

@@ -8,7 +8,7 @@ holds only data: pretrained cfgs (`twin_cfg`), its timm checkpoint filter and it
 """
 import dataclasses
 import inspect
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,25 +19,36 @@ from timm_dbp.layers import DEFAULT_STRUCTURE, decorrelate, exclude_patterns, fi
 
 from ._pretrained import build_dbp_model, check_pretrained_fits, fold_adapted_input_convs
 
-__all__ = ['DBPModel', 'pop_dbp_args', 'twin_class', 'twin_cfg', 'dbp_checkpoint_filter', 'build_dbp_twin']
+__all__ = ['DBPModel', 'DBP_MODEL_KWARGS', 'pop_dbp_args', 'dbp_model_kwargs', 'twin_class', 'twin_cfg',
+           'dbp_checkpoint_filter', 'build_dbp_twin']
 
 StateDict = Dict[str, torch.Tensor]
 
+# a dbp_ model's own kwargs: decorrelate() argument -> (model kwarg, default)
+DBP_MODEL_KWARGS: Dict[str, Tuple[str, Any]] = {
+    'exclude': ('dbp_exclude', ()),  # fnmatch patterns of module names kept plain (see `exclude_patterns`)
+    'max_dim': ('dbp_max_dim', None),  # keep layers with input dimension d above it plain
+    'linear': ('dbp_linear', True),  # decorrelate Linear layers too
+    'structure': ('dbp_structure', DEFAULT_STRUCTURE),  # R of the convs: 'full', 'channel', 'kron'
+    'kron_max_dim': ('dbp_kron_max_dim', None),  # kron convs with d above it take a channel R
+    'block_size': ('dbp_block_size', None),  # R's over channels wider than it are block-diagonal
+}
+
 
 def pop_dbp_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Take a dbp_ model's own arguments out of `kwargs`, as `decorrelate()` arguments:
-    dbp_exclude (fnmatch patterns of module names kept plain, see `exclude_patterns`), dbp_max_dim (keep layers with
-    input dimension d above it plain), dbp_linear (decorrelate Linear layers too), dbp_structure (R of the convs:
-    'full', 'channel', 'kron'), dbp_kron_max_dim (kron convs with d above it take a channel R) and dbp_block_size
-    (R's over channels wider than it are block-diagonal)."""
-    return dict(
-        exclude=exclude_patterns(kwargs.pop('dbp_exclude', ())),
-        max_dim=kwargs.pop('dbp_max_dim', None),
-        linear=kwargs.pop('dbp_linear', True),
-        structure=kwargs.pop('dbp_structure', DEFAULT_STRUCTURE),
-        kron_max_dim=kwargs.pop('dbp_kron_max_dim', None),
-        block_size=kwargs.pop('dbp_block_size', None),
-    )
+    """Take a dbp_ model's own arguments (DBP_MODEL_KWARGS) out of `kwargs`, as `decorrelate()` arguments."""
+    args = {name: kwargs.pop(kwarg, default) for name, (kwarg, default) in DBP_MODEL_KWARGS.items()}
+    args['exclude'] = exclude_patterns(args['exclude'])
+    return args
+
+
+def dbp_model_kwargs(dbp_args: Dict[str, Any]) -> Dict[str, Any]:
+    """The dbp_ model kwargs that build a model with these `decorrelate()` arguments again (the inverse of
+    `pop_dbp_args`): those that differ from their default, and dbp_structure always, so that R's shapes do not
+    depend on the library's default of the day."""
+    return {kwarg: list(value) if isinstance(value, tuple) else value
+            for name, (kwarg, default) in DBP_MODEL_KWARGS.items()
+            for value in [dbp_args[name]] if name == 'structure' or value != default}
 
 
 class DBPModel:
@@ -45,8 +56,8 @@ class DBPModel:
     built with, and a `reset_classifier` whose new classifier is converted by the same rule.
 
     `DBP<Class>(*args, dbp_exclude=..., dbp_max_dim=..., dbp_linear=..., dbp_structure=..., dbp_kron_max_dim=...,
-    dbp_block_size=..., **kwargs)` builds the timm class with its own arguments and converts it; the registered dbp_ entrypoints build
-    through timm instead."""
+    dbp_block_size=..., **kwargs)` builds the timm class with its own arguments and converts it; the registered dbp_
+    entrypoints build through timm instead."""
     dbp_args: Dict[str, Any]
 
     def __init__(self, *args, **kwargs):
