@@ -89,6 +89,9 @@ def _summary_row(run_dir, epoch):
 
 
 X = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+# the dbp_* kwargs config.json pins: every one, defaults included (the run sets dbp_structure=kron)
+DBP_ARGS = dict(dbp_exclude=[], dbp_max_dim=None, dbp_linear=True, dbp_structure='kron', dbp_kron_max_dim=None,
+                dbp_block_size=None)
 
 
 # --- the folder ----------------------------------------------------------------------------------------------------
@@ -103,7 +106,7 @@ def test_dry_run_writes_safetensors_and_timm_config(dbp_folder, checkpoint):
     config = json.loads((dbp_folder / 'config.json').read_text())
     assert config['architecture'] == 'dbp_test_resnet' and config['num_classes'] == 10
     assert config['num_features'] == 96 and config['global_pool'] == 'avg'
-    assert config['model_args'] == dict(dbp_structure='kron', in_chans=1, num_classes=10, global_pool='avg')
+    assert config['model_args'] == dict(DBP_ARGS, in_chans=1, num_classes=10, global_pool='avg')
     cfg = config['pretrained_cfg']
     assert cfg['input_size'] == [1, 32, 32] and cfg['mean'] == [0.286] and cfg['std'] == [0.353]
     assert not {'hf_hub_id', 'url', 'file', 'source', 'tag', 'architecture'} & set(cfg)
@@ -182,7 +185,7 @@ def test_a_run_with_the_default_structure_is_published_with_it_pinned(checkpoint
     out = _export(target, tmp_path / 'out')
     assert '| R structure (dbp_structure) | kron |' in (out / 'README.md').read_text()
     config = json.loads((out / 'config.json').read_text())
-    assert config['model_args'] == dict(dbp_structure='kron', in_chans=1, num_classes=10, global_pool='avg')
+    assert config['model_args'] == dict(DBP_ARGS, in_chans=1, num_classes=10, global_pool='avg')
 
 
 def test_run_folder_png_is_published_as_is(run_dir, tmp_path):

@@ -150,12 +150,13 @@ def test_dbp_exclude_as_a_string_is_one_pattern_or_a_comma_list():
     {}, dict(dbp_structure='full'), dict(dbp_exclude='layer4.*, fc', dbp_max_dim=1152, dbp_linear=False),
     dict(dbp_kron_max_dim=1152, dbp_block_size=128)])
 def test_dbp_model_kwargs_build_the_same_model_again(kwargs):
-    """dbp_model_kwargs(model.dbp_args) (what the Hub config pins) is the inverse of pop_dbp_args, and names the R
-    structure even when it was the default."""
+    """dbp_model_kwargs(model.dbp_args) (what the Hub config pins) is the inverse of pop_dbp_args, and names every
+    argument, defaults included."""
     model = timm.create_model('dbp_resnet18', device='meta', **kwargs)
     pinned = timm_dbp.dbp_model_kwargs(model.dbp_args)
     assert pinned['dbp_structure'] == kwargs.get('dbp_structure', 'kron')
-    assert set(pinned) == set(kwargs) | {'dbp_structure'}
+    assert set(pinned) == {'dbp_exclude', 'dbp_max_dim', 'dbp_linear', 'dbp_structure', 'dbp_kron_max_dim',
+                           'dbp_block_size'}
     again = timm.create_model('dbp_resnet18', device='meta', **pinned)
     assert again.dbp_args == model.dbp_args
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

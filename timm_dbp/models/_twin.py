@@ -44,11 +44,10 @@ def pop_dbp_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 def dbp_model_kwargs(dbp_args: Dict[str, Any]) -> Dict[str, Any]:
     """The dbp_ model kwargs that build a model with these `decorrelate()` arguments again (the inverse of
-    `pop_dbp_args`): those that differ from their default, and dbp_structure always, so that R's shapes do not
-    depend on the library's default of the day."""
-    return {kwarg: list(value) if isinstance(value, tuple) else value
-            for name, (kwarg, default) in DBP_MODEL_KWARGS.items()
-            for value in [dbp_args[name]] if name == 'structure' or value != default}
+    `pop_dbp_args`), every one of them, defaults included: R's shapes must not depend on the defaults of the day
+    (the library's or a model entrypoint's)."""
+    return {kwarg: list(dbp_args[name]) if isinstance(dbp_args[name], tuple) else dbp_args[name]
+            for name, (kwarg, _) in DBP_MODEL_KWARGS.items()}
 
 
 class DBPModel:
