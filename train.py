@@ -65,6 +65,7 @@ from timm.utils import unwrap_model
 
 import timm_dbp
 from timm_dbp.analytic import analytic_classifier
+from timm_dbp.models._pretrained import r_shape_hint
 from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
 from timm_dbp.layers import MATMUL_DTYPE_NAMES
 from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
@@ -552,7 +553,11 @@ def _load_model_state(model: nn.Module, state_dict: dict, source: str) -> None:
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise UserError(f'{source} does not fit model: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}')
+        target = model.state_dict()
+        hint = next((r_shape_hint(state_dict, k, model) for k, v in state_dict.items()
+                     if k in target and v.shape != target[k].shape), '')
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e
+        raise UserError(f'{source} does not fit model: {first}{hint}')
 
 
 def main(argv=None):

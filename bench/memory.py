@@ -1,7 +1,8 @@
 """ Memory of DBP: bytes of DBP state (R) per model and R structure, and peak training memory vs BP
 
 Part 1, DBP state: the bytes of every R buffer (all factors) of dbp_<model> for each structure (full, channel, kron,
-and kron with block-diagonal R's over channels, `kron_b<size>` for each --block-sizes), counted on the meta device
+each with dense R's whatever the model's default, and kron with block-diagonal R's over channels, `kron_b<size>` for
+each --block-sizes), counted on the meta device
 (exact, no allocation), next to the model's own parameter bytes.
 Part 2, peak training memory: each variant trains --steps steps in a fresh subprocess (SGD / dbpsgd, random data).
 CPU: the process's own peak resident size (VmHWM) minus the resident size after the model, optimizer and batch were
@@ -38,8 +39,9 @@ parser.add_argument('--child', nargs=2, metavar=('MODEL', 'VARIANT'), help=argpa
 
 
 def variants(block_sizes):
-    """{variant name: dbp_ model kwargs}: each R structure, then kron with each block size."""
-    named = {s: dict(dbp_structure=s) for s in STRUCTURES}
+    """{variant name: dbp_ model kwargs}: each R structure with dense R's (whatever the model's default), then kron
+    with each block size."""
+    named = {s: dict(dbp_structure=s, dbp_block_size=0) for s in STRUCTURES}
     named.update({f'kron_b{b}': dict(dbp_structure='kron', dbp_block_size=b) for b in block_sizes})
     return named
 

@@ -114,14 +114,16 @@ METHODS = {
        for e in (1, 2, 4, 6)},
     # block-diagonal R over channels (dbp_block_size b): R's over more than b channels as blocks of at most b, so
     # the wide layers' update costs n c b + c b^2 instead of n c^2 + c^3 (resnet50's 1x1 convs of 1024 / 2048 channels)
-    **{f'dbp_kron_dlr3e-3_bf16_b{b}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
-                                                               f'dbp_block_size={b}', *BF16_DBP_FLAGS])
-       for b in (128, 256)},
+    # (methods without a block size take the model's default: dense R's, except on the wide twins, which default to
+    # blocks of 256 since section 42; `_dense` pins dense R's there)
+    **{f'dbp_kron_dlr3e-3_bf16_{tag}': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
+                                                                f'dbp_block_size={b}', *BF16_DBP_FLAGS])
+       for tag, b in (('b128', 128), ('b256', 256), ('dense', 0))},
     'dbp_adamw': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron', '--kappa', '0']),
     # ... the same with block-diagonal R's (the wide twins' option, for families trained with AdamW: ConvNeXt)
-    **{f'dbp_adamw_b{b}': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron',
-                                                                  f'dbp_block_size={b}', '--kappa', '0'])
-       for b in (128, 256)},
+    **{f'dbp_adamw_{tag}': ('dbp_', 'dbpadamw', 2e-3, ADAPTIVE_WD + ['--model-kwargs', 'dbp_structure=kron',
+                                                                    f'dbp_block_size={b}', '--kappa', '0'])
+       for tag, b in (('b128', 128), ('b256', 256), ('dense', 0))},
     'dbp_muon': ('dbp_', 'dbpmuon', 0.01, ADAPTIVE_WD),  # timm's muon with DBP's R, library DBP defaults
     # XConv (trace-estimated conv kernel gradients, timm_dbp.sketch_convs) with r probe vectors, alone and with DBP
     **{f'xconv{r}_sgd': ('', 'sgd', 0.05, ['--sketch-probes', str(r)]) for r in (2, 8, 32)},

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-""" The README's table of registered dbp_ models: parameters, DBP state (R) with the default kron structure and with
-full R, and the timm pretrained weights each twin loads with R = I (checked offline for every twin by
+""" The README's table of registered dbp_ models: parameters, DBP state (R) with the model's defaults (kron R; blocks of
+at most 256 channels for the wide twins, `WIDE_TWIN_ARGS`), the default block size, the state with full R, and the
+timm pretrained weights each twin loads with R = I (checked offline for every twin by
 tests/test_twins.py). tests/test_readme_table.py keeps the README equal to this script's output.
 
     python scripts/model_table.py          # prints the markdown table
@@ -19,16 +20,17 @@ def full_r_bytes(layer) -> int:
 
 def model_table() -> str:
     lines = [
-        '| model | params (M) | R, kron (default) (MiB) | R, full (MiB) | timm weights loaded with R = I |',
-        '|---|---:|---:|---:|---|']
+        '| model | params (M) | R, default (MiB) | dbp_block_size | R, full (MiB) | timm weights loaded with R = I |',
+        '|---|---:|---:|---:|---:|---|']
     for name in timm.list_models('dbp_*'):
         model = timm.create_model(name, device='meta')
         params = sum(p.numel() for p in model.parameters()) / 1e6
         layers = [layer for _, layer in decor_layers(model)]
-        kron_mib = sum(layer.decor_state_bytes for layer in layers) / 2 ** 20
+        default_mib = sum(layer.decor_state_bytes for layer in layers) / 2 ** 20
+        blocks = model.dbp_args['block_size'] or '-'
         full_mib = sum(full_r_bytes(layer) for layer in layers) / 2 ** 20
         tags = ', '.join(f'`{tag.split(".", 1)[1]}`' for tag in timm.list_pretrained(f'{name}.*'))
-        lines.append(f'| `{name}` | {params:.1f} | {kron_mib:.1f} | {full_mib:.1f} | {tags} |')
+        lines.append(f'| `{name}` | {params:.1f} | {default_mib:.1f} | {blocks} | {full_mib:.1f} | {tags} |')
     return '\n'.join(lines) + '\n'
 
 

@@ -196,8 +196,9 @@ def test_bad_block_size():
     for bad in (0, -1, 2.5, '64', True):
         with pytest.raises(ValueError, match='block_size'):
             decorrelate(copy.deepcopy(model), block_size=bad)
-    with pytest.raises(ValueError, match='block_size'):
-        timm.create_model('dbp_test_resnet', device='meta', dbp_block_size=0)
+    for bad in (-1, 2.5, False):  # as a model kwarg 0 means dense R's (tests/test_models.py)
+        with pytest.raises(ValueError, match='block_size'):
+            timm.create_model('dbp_test_resnet', device='meta', dbp_block_size=bad)
     with pytest.raises(ValueError, match='decor_block_size'):
         DecorConv2d(4, 4, 1, decor_block_size=0)
 
@@ -206,7 +207,7 @@ def test_resnet50_block_state_bytes():
     def state_mib(**kwargs):
         model = timm.create_model('dbp_resnet50', device='meta', **kwargs)
         return sum(layer.decor_state_bytes for _, layer in decor_layers(model)) / 2 ** 20
-    assert 90 < state_mib() < 93  # dense kron default: the 1x1 convs' c x c R's, c up to 2048
+    assert 90 < state_mib(dbp_block_size=0) < 93  # dense kron R: the 1x1 convs' c x c R's, c up to 2048
     # blocks of at most 256 channels: c * 256 numbers per channel factor (c <= 256: c^2), plus the 9 x 9 factors
     model = timm.create_model('dbp_resnet50', device='meta', dbp_block_size=256)
     expected = 0
@@ -214,4 +215,4 @@ def test_resnet50_block_state_bytes():
         c = layer.weight.shape[1]
         expected += 4 * (c * min(c, 256) + layer.decor_spatial.numel())
         assert layer.decor_blocks == max(1, c // 256)
-    assert state_mib(dbp_block_size=256) == expected / 2 ** 20 < 25
+    assert state_mib(dbp_block_size=256) == state_mib() == expected / 2 ** 20 < 25  # the default of the wide twins

@@ -162,6 +162,21 @@ def test_dbp_model_kwargs_build_the_same_model_again(kwargs):
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize('name, blocks', [
+    ('dbp_resnet18', None), ('dbp_resnet34', None), ('dbp_resnet50', 256), ('dbp_resnet101d', 256),
+    ('dbp_wide_resnet50_2', 256), ('dbp_resnext50_32x4d', 256), ('dbp_seresnet50', 256), ('dbp_convnext_atto', None),
+    ('dbp_convnext_tiny', 256), ('dbp_convnext_base', 256), ('dbp_efficientnet_b0', None)])
+def test_wide_twins_default_to_blocks_of_256_and_0_gives_dense_r(name, blocks):
+    model = timm.create_model(name, device='meta')
+    assert model.dbp_args['block_size'] == blocks
+    widest = max(layer.decor_blocks for _, layer in decor_layers(model))
+    assert (widest > 1) == (blocks is not None)
+    dense = timm.create_model(name, device='meta', dbp_block_size=0)  # None would be dropped by timm.create_model
+    assert dense.dbp_args['block_size'] is None
+    assert all(layer.decor_blocks == 1 for _, layer in decor_layers(dense))
+    assert timm.create_model(name, device='meta', dbp_block_size=128).dbp_args['block_size'] == 128
+
+
 def test_features_only_and_forward_head():
     model = timm.create_model('dbp_test_resnet', features_only=True, out_indices=(1, 3))
     feats = model(torch.randn(1, 3, 64, 64))

@@ -323,7 +323,7 @@ def test_structured_model_trains_folds_and_loads(structure, block_size, tmp_path
                                 pretrained_cfg_overlay=dict(file=str(plain_path), num_classes=3)).eval()
     torch.testing.assert_close(started(x), plain(x), rtol=0, atol=0)
     if block_size is not None:  # block weights into a dense twin: the error names both settings
-        with pytest.raises(timm_dbp.models.PretrainedWeightsError, match=r'block-diagonal .*dbp_block_size=None'):
+        with pytest.raises(timm_dbp.models.PretrainedWeightsError, match=r'block-diagonal .*dbp_block_size=0'):
             timm.create_model('dbp_test_resnet', pretrained=True, num_classes=3, dbp_structure=structure,
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=3))
 

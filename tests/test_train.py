@@ -145,7 +145,7 @@ def test_decor_epochs_bad_input(tiny_fmnist, tmp_path, capsys):
 
 @pytest.mark.parametrize('kwarg, expected', [('dbp_structure=bogus', 'structure must be one of'),
                                              ('dbp_kron_max_dim=0', 'kron_max_dim'),
-                                             ('dbp_block_size=0', 'block_size must be an int >= 1')])
+                                             ('dbp_block_size=-1', 'block_size must be an int >= 1')])
 def test_bad_model_kwarg_value_is_one_line(tiny_fmnist, tmp_path, capsys, kwarg, expected):
     message = _error_of(capsys, _args(tiny_fmnist, str(tmp_path), 'x', '--model-kwargs', kwarg))
     assert "model 'dbp_test_resnet'" in message and expected in message
@@ -258,6 +258,17 @@ def test_num_classes_mismatch_with_checkpoint(tiny_fmnist, tmp_path, capsys):
     ckpt = os.path.join(out, 'train', 'run', 'last.pth.tar')
     err = _error_of(capsys, _args(tiny_fmnist, out, 'other', '--resume', ckpt, '--num-classes', '7'))
     assert '10 classes' in err and '7' in err
+
+
+def test_resume_with_other_r_shapes_names_the_model_kwargs(tiny_fmnist, tmp_path, capsys):
+    """A checkpoint with block-diagonal R's resumed into a model built with dense ones (another dbp_block_size,
+    as after a change of a model's default): the error names the R it holds and the model's dbp_block_size."""
+    out = str(tmp_path)
+    assert train.run(_args(tiny_fmnist, out, 'run', '--epochs', '1', '--model-kwargs', 'dbp_block_size=8')) == 0
+    ckpt = os.path.join(out, 'train', 'run', 'last.pth.tar')
+    err = _error_of(capsys, _args(tiny_fmnist, out, 'other', '--resume', ckpt))
+    assert 'does not fit model' in err and 'decor_matrix' in err
+    assert 'block-diagonal' in err and 'dbp_block_size=0' in err
 
 
 def test_yaml_config_unknown_key_warns_invalid_value_refused(tiny_fmnist, tmp_path):

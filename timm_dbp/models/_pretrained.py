@@ -62,6 +62,18 @@ def _r_structure(state_dict: Mapping[str, torch.Tensor], prefix: str) -> str:
     return structure if R.dim() == 2 else f'{structure}, block-diagonal ({R.shape[0]} blocks of {R.shape[-1]})'
 
 
+def r_shape_hint(state_dict: Mapping[str, torch.Tensor], key: str, model: nn.Module) -> str:
+    """For a `key` whose shape differs between `state_dict` and `model`: when it is an R buffer, a hint naming the
+    R the weights hold and the dbp_structure / dbp_block_size the model was built with; '' for any other key."""
+    if not key.endswith(('.decor_matrix', '.decor_spatial')):
+        return ''
+    dbp_args = getattr(model, 'dbp_args', {})
+    structure, block_size = dbp_args.get('structure'), dbp_args.get('block_size')
+    return (f' (the weights have a {_r_structure(state_dict, key.rsplit(".", 1)[0] + ".")} R, the model '
+            f'dbp_structure={structure!r}, dbp_block_size={block_size or 0!r}: build it with the dbp_structure and '
+            f'dbp_block_size the weights were trained with; dbp_block_size=0 for dense R\'s)')
+
+
 def _names(value) -> Sequence[str]:
     return [value] if isinstance(value, str) else list(value or ())
 
@@ -99,15 +111,8 @@ def check_pretrained_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
     for key, value in state_dict.items():
         if key in skip or key not in target or value.shape == target[key].shape:
             continue
-        hint = ''
-        if key.endswith(('.decor_matrix', '.decor_spatial')):
-            dbp_args = getattr(model, 'dbp_args', {})
-            structure, block_size = dbp_args.get('structure'), dbp_args.get('block_size')
-            hint = (f' (the weights have a {_r_structure(state_dict, key.rsplit(".", 1)[0] + ".")} R, the model '
-                    f'dbp_structure={structure!r}, dbp_block_size={block_size!r}: build it with the dbp_structure and '
-                    f'dbp_block_size the weights were trained with)')
-        raise PretrainedWeightsError(
-            f'{where}: {key} is {tuple(value.shape)} in the weights but {tuple(target[key].shape)} in the model{hint}')
+        raise PretrainedWeightsError(f'{where}: {key} is {tuple(value.shape)} in the weights but '
+                                     f'{tuple(target[key].shape)} in the model{r_shape_hint(state_dict, key, model)}')
     unexpected = [k for k in state_dict if k not in target and k not in skip]
     missing = [k for k in target if k not in state_dict and k not in skip]
     if unexpected or missing:

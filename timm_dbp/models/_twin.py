@@ -19,8 +19,8 @@ from timm_dbp.layers import DEFAULT_STRUCTURE, decorrelate, exclude_patterns, fi
 
 from ._pretrained import build_dbp_model, check_pretrained_fits, fold_adapted_input_convs
 
-__all__ = ['DBPModel', 'DBP_MODEL_KWARGS', 'pop_dbp_args', 'dbp_model_kwargs', 'twin_class', 'twin_cfg',
-           'dbp_checkpoint_filter', 'build_dbp_twin']
+__all__ = ['DBPModel', 'DBP_MODEL_KWARGS', 'WIDE_TWIN_ARGS', 'pop_dbp_args', 'dbp_model_kwargs', 'twin_class',
+           'twin_cfg', 'dbp_checkpoint_filter', 'build_dbp_twin']
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -31,23 +31,35 @@ DBP_MODEL_KWARGS: Dict[str, Tuple[str, Any]] = {
     'linear': ('dbp_linear', True),  # decorrelate Linear layers too
     'structure': ('dbp_structure', DEFAULT_STRUCTURE),  # R of the convs: 'full', 'channel', 'kron'
     'kron_max_dim': ('dbp_kron_max_dim', None),  # kron convs with d above it take a channel R
-    'block_size': ('dbp_block_size', None),  # R's over channels wider than it are block-diagonal
+    'block_size': ('dbp_block_size', None),  # R's over channels wider than it block-diagonal; 0: dense
 }
+# dense R's as a model kwarg: timm's create_model drops None-valued kwargs, so None cannot undo a model's default
+DENSE_BLOCK_SIZE = 0
+
+# the defaults of the wide twins (bottleneck ResNets, ConvNeXt-Tiny and larger), whose 1x1 convs / MLPs see 1024+
+# channels: R's over more than 256 channels block-diagonal (docs/BENCHMARKS.md sections 41-42: a step 1.29x instead of
+# 1.65x BP's on resnet50, 1.67x instead of 3.39x on convnext_tiny, sooner to the same accuracy). dbp_block_size=0: dense
+WIDE_TWIN_ARGS: Dict[str, Any] = dict(dbp_block_size=256)
 
 
 def pop_dbp_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """Take a dbp_ model's own arguments (DBP_MODEL_KWARGS) out of `kwargs`, as `decorrelate()` arguments."""
     args = {name: kwargs.pop(kwarg, default) for name, (kwarg, default) in DBP_MODEL_KWARGS.items()}
     args['exclude'] = exclude_patterns(args['exclude'])
+    if type(args['block_size']) is int and args['block_size'] == DENSE_BLOCK_SIZE:
+        args['block_size'] = None
     return args
 
 
 def dbp_model_kwargs(dbp_args: Dict[str, Any]) -> Dict[str, Any]:
     """The dbp_ model kwargs that build a model with these `decorrelate()` arguments again (the inverse of
-    `pop_dbp_args`), every one of them, defaults included: R's shapes must not depend on the defaults of the day
-    (the library's or a model entrypoint's)."""
-    return {kwarg: list(dbp_args[name]) if isinstance(dbp_args[name], tuple) else dbp_args[name]
-            for name, (kwarg, _) in DBP_MODEL_KWARGS.items()}
+    `pop_dbp_args`), every one of them, defaults included (dense R's as dbp_block_size=0): R's shapes must not depend
+    on the defaults of the day (the library's or a model entrypoint's)."""
+    kwargs = {kwarg: list(dbp_args[name]) if isinstance(dbp_args[name], tuple) else dbp_args[name]
+              for name, (kwarg, _) in DBP_MODEL_KWARGS.items()}
+    if kwargs['dbp_block_size'] is None:
+        kwargs['dbp_block_size'] = DENSE_BLOCK_SIZE
+    return kwargs
 
 
 class DBPModel:

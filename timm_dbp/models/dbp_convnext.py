@@ -2,7 +2,9 @@
 a model computes exactly what its timm twin computes.
 
 Depthwise 7x7 convs get one R shared by all channels (d = 49: the channel factor is 1 x 1, the spatial one 49 x 49);
-the MLPs' Linear layers (channels-last tokens, (B, H, W, C)) or 1x1 convs (conv_mlp) get a full C x C R.
+the MLPs' Linear layers (channels-last tokens, (B, H, W, C)) or 1x1 convs (conv_mlp) get a full C x C R, block-diagonal
+(blocks of at most 256 channels, `WIDE_TWIN_ARGS`) by default in ConvNeXt-Tiny and larger, whose MLPs see 3072+
+channels; `dbp_block_size=0` gives them dense R's.
 Pretrained tags are timm's BP weights with R = I.
 
 Papers:
@@ -12,7 +14,7 @@ Papers:
 from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
-from ._twin import build_dbp_twin, twin_cfg, twin_class
+from ._twin import WIDE_TWIN_ARGS, build_dbp_twin, twin_cfg, twin_class
 
 __all__ = ['DBPConvNeXt']  # model_registry will add each entrypoint fn to this
 
@@ -65,19 +67,19 @@ def dbp_convnext_nano(pretrained: bool = False, **kwargs) -> ConvNeXt:
 @register_model
 def dbp_convnext_tiny(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """DBP ConvNeXt-Tiny."""
-    return _create('dbp_convnext_tiny', pretrained, **kwargs)
+    return _create('dbp_convnext_tiny', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
 
 
 @register_model
 def dbp_convnext_small(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """DBP ConvNeXt-Small."""
-    return _create('dbp_convnext_small', pretrained, **kwargs)
+    return _create('dbp_convnext_small', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
 
 
 @register_model
 def dbp_convnext_base(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """DBP ConvNeXt-Base."""
-    return _create('dbp_convnext_base', pretrained, **kwargs)
+    return _create('dbp_convnext_base', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
 
 
 @register_model
