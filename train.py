@@ -65,7 +65,7 @@ from timm.utils import unwrap_model
 
 import timm_dbp
 from timm_dbp.analytic import analytic_classifier
-from timm_dbp.models._pretrained import r_shape_hint
+from timm_dbp.models import r_shape_hint
 from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
 from timm_dbp.layers import MATMUL_DTYPE_NAMES
 from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
