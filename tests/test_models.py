@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import load_checkpoint
+from timm.models import load_checkpoint, model_entrypoint
 from timm.models._registry import _model_to_module
 from timm.utils import ParseKwargs
 
@@ -175,6 +175,14 @@ def test_wide_twins_default_to_blocks_of_256_and_0_gives_dense_r(name, blocks):
     assert dense.dbp_args['block_size'] is None
     assert all(layer.decor_blocks == 1 for _, layer in decor_layers(dense))
     assert timm.create_model(name, device='meta', dbp_block_size=128).dbp_args['block_size'] == 128
+
+
+@pytest.mark.parametrize('name', ['dbp_resnet50', 'dbp_convnext_tiny', 'dbp_resnet18'])
+def test_block_size_none_means_the_default_through_timm_and_the_entrypoint(name):
+    via_timm = timm.create_model(name, device='meta', dbp_block_size=None)  # timm drops None kwargs
+    direct = model_entrypoint(name)(device='meta', dbp_block_size=None)
+    default = timm.create_model(name, device='meta')
+    assert via_timm.dbp_args == direct.dbp_args == default.dbp_args
 
 
 def test_features_only_and_forward_head():

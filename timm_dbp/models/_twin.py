@@ -19,8 +19,8 @@ from timm_dbp.layers import DEFAULT_STRUCTURE, decorrelate, exclude_patterns, fi
 
 from ._pretrained import build_dbp_model, check_pretrained_fits, fold_adapted_input_convs
 
-__all__ = ['DBPModel', 'DBP_MODEL_KWARGS', 'WIDE_TWIN_ARGS', 'pop_dbp_args', 'dbp_model_kwargs', 'twin_class',
-           'twin_cfg', 'dbp_checkpoint_filter', 'build_dbp_twin']
+__all__ = ['DBPModel', 'DBP_MODEL_KWARGS', 'WIDE_TWIN_ARGS', 'wide_twin_kwargs', 'pop_dbp_args', 'dbp_model_kwargs',
+           'twin_class', 'twin_cfg', 'dbp_checkpoint_filter', 'build_dbp_twin']
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -40,6 +40,13 @@ DENSE_BLOCK_SIZE = 0
 # channels: R's over more than 256 channels block-diagonal (docs/BENCHMARKS.md sections 41-42: a step 1.29x instead of
 # 1.65x BP's on resnet50, 1.67x instead of 3.39x on convnext_tiny, sooner to the same accuracy). dbp_block_size=0: dense
 WIDE_TWIN_ARGS: Dict[str, Any] = dict(dbp_block_size=256)
+
+
+def wide_twin_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """A wide twin entrypoint's kwargs over WIDE_TWIN_ARGS. None-valued kwargs are dropped, as timm.create_model
+    drops them, so `dbp_block_size=None` means the model's default whether the entrypoint is called directly or
+    through timm (dense R's: `dbp_block_size=0`)."""
+    return {**WIDE_TWIN_ARGS, **{k: v for k, v in kwargs.items() if v is not None}}
 
 
 def pop_dbp_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:

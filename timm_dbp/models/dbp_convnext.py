@@ -14,7 +14,7 @@ Papers:
 from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
-from ._twin import WIDE_TWIN_ARGS, build_dbp_twin, twin_cfg, twin_class
+from ._twin import build_dbp_twin, twin_cfg, twin_class, wide_twin_kwargs
 
 __all__ = ['DBPConvNeXt']  # model_registry will add each entrypoint fn to this
 
@@ -67,19 +67,19 @@ def dbp_convnext_nano(pretrained: bool = False, **kwargs) -> ConvNeXt:
 @register_model
 def dbp_convnext_tiny(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """DBP ConvNeXt-Tiny."""
-    return _create('dbp_convnext_tiny', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return _create('dbp_convnext_tiny', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
 def dbp_convnext_small(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """DBP ConvNeXt-Small."""
-    return _create('dbp_convnext_small', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return _create('dbp_convnext_small', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
 def dbp_convnext_base(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """DBP ConvNeXt-Base."""
-    return _create('dbp_convnext_base', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return _create('dbp_convnext_base', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model

@@ -23,7 +23,7 @@ Pretrained tags are timm's published BP weights for the twin (e.g. `dbp_resnet18
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 
-from ._twin import WIDE_TWIN_ARGS, build_dbp_twin, twin_cfg, twin_class
+from ._twin import build_dbp_twin, twin_cfg, twin_class, wide_twin_kwargs
 
 __all__ = ['DBPResNet']  # model_registry will add each entrypoint fn to this
 
@@ -70,19 +70,19 @@ def dbp_resnet34(pretrained: bool = False, **kwargs) -> ResNet:
 @register_model
 def dbp_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNet-50."""
-    return build_dbp_twin('dbp_resnet50', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return build_dbp_twin('dbp_resnet50', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
 def dbp_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNet-101."""
-    return build_dbp_twin('dbp_resnet101', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return build_dbp_twin('dbp_resnet101', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
 def dbp_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNet-152."""
-    return build_dbp_twin('dbp_resnet152', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return build_dbp_twin('dbp_resnet152', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
@@ -100,37 +100,37 @@ def dbp_resnet34d(pretrained: bool = False, **kwargs) -> ResNet:
 @register_model
 def dbp_resnet50d(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNet-50-D (deep stem, average-pool downsample)."""
-    return build_dbp_twin('dbp_resnet50d', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return build_dbp_twin('dbp_resnet50d', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
 def dbp_resnet101d(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNet-101-D (deep stem, average-pool downsample)."""
-    return build_dbp_twin('dbp_resnet101d', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return build_dbp_twin('dbp_resnet101d', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
 def dbp_resnet152d(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNet-152-D (deep stem, average-pool downsample)."""
-    return build_dbp_twin('dbp_resnet152d', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return build_dbp_twin('dbp_resnet152d', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
 def dbp_resnext50_32x4d(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNeXt50-32x4d (grouped 3x3 convs)."""
-    return build_dbp_twin('dbp_resnext50_32x4d', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return build_dbp_twin('dbp_resnext50_32x4d', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
 def dbp_wide_resnet50_2(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP Wide ResNet-50-2."""
-    return build_dbp_twin('dbp_wide_resnet50_2', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return build_dbp_twin('dbp_wide_resnet50_2', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
 def dbp_seresnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP SE-ResNet-50 (squeeze-excitation 1x1 convs)."""
-    return build_dbp_twin('dbp_seresnet50', pretrained, **dict(WIDE_TWIN_ARGS, **kwargs))
+    return build_dbp_twin('dbp_seresnet50', pretrained, **wide_twin_kwargs(kwargs))
 
 
 @register_model
