@@ -10,6 +10,7 @@ built, so the figure is what training adds (activations, gradients, optimizer st
 temporaries), plus the total. CUDA: torch.cuda.max_memory_allocated after the steps, and after building.
 
     python bench/memory.py --out docs/bench_memory   # resnet18 and resnet50, 64 px batch 64, CPU
+    python bench/memory.py --models resnet101 convnext_small --state-only   # DBP state only (meta device)
 """
 import argparse
 import json
@@ -34,6 +35,7 @@ parser.add_argument('--steps', type=int, default=3)
 parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 parser.add_argument('--block-sizes', nargs='*', type=int, default=[256],
                     help='also kron R with dbp_block_size=B (variant kron_bB) for each B')
+parser.add_argument('--state-only', action='store_true', help='part 1 only: DBP state, no training (seconds)')
 parser.add_argument('--out', default=None, help='output prefix: writes <out>.json and <out>.png')
 parser.add_argument('--child', nargs=2, metavar=('MODEL', 'VARIANT'), help=argparse.SUPPRESS)
 
@@ -90,7 +92,7 @@ def main():
         params, dbp = state_bytes(model_name, args.block_sizes)
         row = dict(model=model_name, img_size=args.img_size, batch_size=args.batch_size, param_bytes=params,
                    decor_state_bytes=dbp, peak={})
-        for variant in ('bp', *dbp):
+        for variant in () if args.state_only else ('bp', *dbp):
             cmd = [sys.executable, __file__, '--child', model_name, variant, '--img-size', str(args.img_size),
                    '-b', str(args.batch_size), '--steps', str(args.steps), '--device', args.device,
                    '--block-sizes', *map(str, args.block_sizes)]
@@ -100,8 +102,8 @@ def main():
         mib = 2 ** 20
         print(f'{model_name}: params {params / mib:.1f} MiB; R: ' + ', '.join(
             f'{s} {b / mib:.1f} MiB' for s, b in dbp.items()))
-        bp_train = row['peak']['bp']['training']
         for name, p in row['peak'].items():
+            bp_train = row['peak']['bp']['training']
             print(f'    {name:>8}: peak {p["peak"] / mib:8.1f} MiB, training adds {p["training"] / mib:8.1f} MiB '
                   f'({p["training"] / bp_train:.2f}x BP)', flush=True)
     meta = dict(device=args.device, torch=torch.__version__, timm=timm.__version__, steps=args.steps,
@@ -117,20 +119,24 @@ def plot(results, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    with_peak = bool(results[0]['peak'])
+    fig, axes = plt.subplots(1, 1 + with_peak, figsize=(5 + 5 * with_peak, 4), dpi=120, squeeze=False)
+    axes = axes[0]
     structures = tuple(results[0]['decor_state_bytes'])
     names = ('bp', *structures)
     width = 0.8 / len(results)
     for i, row in enumerate(results):
         xs = [j + i * width for j in range(len(names))]
         axes[0].bar(xs[1:], [row['decor_state_bytes'][s] / 2 ** 20 for s in structures], width, label=row['model'])
-        axes[1].bar(xs, [row['peak'][n]['training'] / 2 ** 20 for n in names], width, label=row['model'])
+        if with_peak:
+            axes[1].bar(xs, [row['peak'][n]['training'] / 2 ** 20 for n in names], width, label=row['model'])
     axes[0].set_xticks(range(1, len(names)), structures)
     axes[0].set_yscale('log')
     axes[0].set_ylabel('DBP state (R), MiB')
     axes[0].axhline(35, color='k', ls='--', lw=1, label='35 MiB goal')
-    axes[1].set_xticks(range(len(names)), names)
-    axes[1].set_ylabel('memory added by training, MiB')
+    if with_peak:
+        axes[1].set_xticks(range(len(names)), names)
+        axes[1].set_ylabel('memory added by training, MiB')
     for ax in axes:
         ax.legend()
     fig.tight_layout()

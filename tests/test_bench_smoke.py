@@ -98,6 +98,13 @@ def test_memory_smoke(tmp_path):
     assert (tmp_path / 'm.png').exists()
 
 
+def test_memory_state_only_smoke(tmp_path):
+    _run('memory.py', '--models', 'test_resnet', '--block-sizes', '16', '--state-only', '--out', str(tmp_path / 'm'))
+    row = json.loads((tmp_path / 'm.json').read_text())['results'][0]
+    assert 0 < row['decor_state_bytes']['kron_b16'] < row['decor_state_bytes']['kron'] and row['peak'] == {}
+    assert (tmp_path / 'm.png').exists()
+
+
 @pytest.mark.skipif(not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'),
                     reason='needs dataset-fashion-mnist (scripts/install.sh installs it)')
 def test_time_to_accuracy_smoke(tmp_path):
