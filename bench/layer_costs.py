@@ -9,10 +9,13 @@ For every DecorConv2d / DecorLinear of dbp_<model>, on the input that layer sees
     sample    drawing decor_samples inputs from that input (the armed forward's extra work: armed minus unarmed
               no-grad forward, interleaved pairs)
     update    one R update from that sample (`update_decorrelation`, decor_lr = 0 so R stays the same)
+Sampling and update multiply in the optimizer's `decor_matmul_dtype` (default 'auto': bfloat16 operands where the CPU
+has bfloat16 units); the optimizer batches equal-shape updates of several layers, which this per-layer view does not.
 Each time is the median of --repeats rounds after one warm-up round (bench/_timing.py).
 
     python bench/layer_costs.py --config resnet18:64:64 --out docs/bench_layer_costs   # JSON with every layer
     python bench/layer_costs.py --config test_resnet:32:128 --repeats 3                 # the Fashion-MNIST model
+    python bench/layer_costs.py --config wide_resnet50_2:64:32 --dbp dbp_block_size=0   # dense R's (model kwargs)
 """
 import argparse
 import json
@@ -24,14 +27,19 @@ import torch.nn.functional as F
 
 import timm_dbp  # noqa: F401  registers dbp_ models
 from timm_dbp import DBP_DEFAULTS, decor_layers
+from timm_dbp.layers import MATMUL_DTYPE_NAMES, matmul_dtype_named
 
-from _cli import model_config  # bench/_cli.py
+from _cli import model_config, split_dbp_settings  # bench/_cli.py
 from _timing import interleaved_times  # bench/_timing.py
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--config', default='resnet18:64:64', help='model:img_size:batch_size (DBP twin: dbp_<model>)')
 parser.add_argument('--repeats', type=int, default=7)
 parser.add_argument('--samples', type=int, default=DBP_DEFAULTS['decor_samples'])
+parser.add_argument('--matmul-dtype', default=DBP_DEFAULTS['decor_matmul_dtype'], choices=MATMUL_DTYPE_NAMES,
+                    help="operands of the sample's and the update's products (the optimizer's decor_matmul_dtype)")
+parser.add_argument('--dbp', nargs='*', default={}, action=timm.utils.ParseKwargs,
+                    help='dbp_* model kwargs of the twin (e.g. dbp_block_size=0 dbp_structure=channel)')
 parser.add_argument('--out', default=None, help='output prefix: writes <out>.json')
 
 
@@ -62,8 +70,11 @@ def main():
     if args.samples < 1 or args.repeats < 1:
         parser.error(f'--samples and --repeats must be at least 1, got {args.samples} and {args.repeats}')
     name, img, batch = model_config(parser, '--config', args.config)
+    model_kwargs, others = split_dbp_settings(args.dbp)
+    if others:
+        parser.error(f'--dbp takes dbp_* model kwargs only (use --samples / --matmul-dtype), got {sorted(others)}')
     torch.manual_seed(0)
-    model = timm.create_model(f'dbp_{name}', num_classes=100).train()
+    model = timm.create_model(f'dbp_{name}', num_classes=100, **model_kwargs).train()
     layers = list(decor_layers(model))
     inputs = {}
     hooks = [layer.register_forward_pre_hook(lambda _, a, n=n: inputs.__setitem__(n, a[0].detach()))
@@ -72,9 +83,11 @@ def main():
     for hook in hooks:
         hook.remove()
 
+    matmul_dtype = matmul_dtype_named(args.matmul_dtype, torch.device('cpu'))
     rows = []
     for n, layer in layers:
         x = inputs[n]
+        layer.decor_matmul_dtype = args.matmul_dtype  # as the optimizer sets it, for the armed forward's product
         pairs = interleaved_times({plain: (lambda p=plain: forward_backward(layer, x, p)) for plain in (True, False)},
                                   args.repeats)  # plain / DBP interleaved
         plain_s, dbp_s = (statistics.median(pairs[p]) for p in (True, False))
@@ -83,8 +96,8 @@ def main():
                                          args.repeats)
         armed, unarmed = (statistics.median(forwards[k]) for k in (args.samples, 0))
         sample = layer.take_decor_inputs()  # of the last armed forward
-        update_s = statistics.median(interleaved_times(
-            {'update': lambda: layer.update_decorrelation(sample, lr=0.0, kappa=0.0)}, args.repeats)['update'])
+        update = lambda: layer.update_decorrelation(sample, lr=0.0, kappa=0.0, matmul_dtype=matmul_dtype)  # noqa: E731
+        update_s = statistics.median(interleaved_times({'update': update}, args.repeats)['update'])
         rows.append(dict(
             layer=n, structure=layer.decor_structure, weight=list(layer.weight.shape), input=list(x.shape),
             R=list(layer.decor_matrix.shape), spatial=list(layer.decor_spatial.shape), path=forward_path(layer, x),
@@ -100,7 +113,8 @@ def main():
           f'{totals["fusion"] * 1e3:+.1f} ms (fused layers {by_path["fused"] * 1e3:+.1f}, input-path layers '
           f'{by_path["input"] * 1e3:+.1f}), sampling {totals["sample"] * 1e3:+.1f} ms, R update '
           f'{totals["update"] * 1e3:.1f} ms')
-    meta = dict(config=args.config, repeats=args.repeats, samples=args.samples, threads=torch.get_num_threads(),
+    meta = dict(config=args.config, dbp=args.dbp, matmul_dtype=args.matmul_dtype, matmul_operands=str(matmul_dtype),
+                repeats=args.repeats, samples=args.samples, threads=torch.get_num_threads(),
                 torch=torch.__version__, timm=timm.__version__)
     if args.out:
         with open(f'{args.out}.json', 'w') as f:

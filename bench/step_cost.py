@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import timm_dbp  # noqa: F401  registers dbp_ models and optimizers
 from timm_dbp import decor_layers
 
-from _cli import model_config  # bench/_cli.py
+from _cli import model_config, split_dbp_settings  # bench/_cli.py
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--configs', nargs='+', default=['resnet18:64:64', 'resnet18:224:32', 'resnet50:64:64'],
@@ -44,12 +44,6 @@ parser.add_argument('--dbp', nargs='*', default={}, action=timm.utils.ParseKwarg
 
 VARIANTS = ('bp', 'fusion', 'sample', 'dbp')
 PHASES = ('forward', 'backward', 'step')  # each step is also timed by phase: forward + loss, backward, opt.step()
-
-
-def split_dbp_settings(settings):
-    """(model kwargs, optimizer kwargs) from --dbp key=value pairs."""
-    model_kwargs = {k: v for k, v in settings.items() if k.startswith('dbp_')}
-    return model_kwargs, {k: v for k, v in settings.items() if k not in model_kwargs}
 
 
 def build(variant, model_name, img_size, device, channels_last, settings):

@@ -37,8 +37,15 @@ def test_layer_costs_smoke(tmp_path):
     assert all(row['update_s'] > 0 and row['plain_fwd_bwd_s'] > 0 for row in result['layers'])
     assert result['fusion_by_path_s']['fused'] + result['fusion_by_path_s']['input'] == pytest.approx(
         result['totals_s']['fusion']) and 'R update' in out
+    assert result['meta']['matmul_dtype'] == 'auto'  # the optimizer's default
+    _run('layer_costs.py', '--config', 'test_resnet:32:4', '--repeats', '1', '--dbp', 'dbp_block_size=16',
+         '--matmul-dtype', 'bfloat16', '--out', str(tmp_path / 'b'))
+    blocks = json.loads((tmp_path / 'b.json').read_text())
+    assert blocks['meta']['matmul_operands'] == 'torch.bfloat16'
+    assert any(len(row['R']) == 3 for row in blocks['layers'])  # (G, b, b): the model kwarg reached the twin
     for bad_args, message in ((['--config', 'resnet18:64'], '--config must be'),
-                              (['--samples', '0'], '--samples and --repeats must be')):
+                              (['--samples', '0'], '--samples and --repeats must be'),
+                              (['--dbp', 'decor_lr=0.1'], '--dbp takes dbp_* model kwargs only')):
         bad = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'layer_costs.py'), *bad_args],
                              capture_output=True, text=True)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-500:]
