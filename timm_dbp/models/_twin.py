@@ -37,9 +37,9 @@ DBP_MODEL_KWARGS: Dict[str, Tuple[str, Any]] = {
 DENSE_BLOCK_SIZE = 0
 
 # the defaults of the wide twins (bottleneck ResNets, ConvNeXt-Tiny and larger), whose 1x1 convs / MLPs see 1024+
-# channels: R's over more than 256 channels block-diagonal (docs/BENCHMARKS.md sections 41-43: a faster step on all eight
-# wide twins measured, e.g. 1.29x instead of 1.65x BP's on resnet50, 1.67x instead of 3.39x on convnext_tiny; as or more
-# accurate and sooner to BP-SGD's accuracy on resnet50, convnext_tiny, resnext50_32x4d). dbp_block_size=0: dense
+# channels: R's over more than 256 channels block-diagonal (docs/BENCHMARKS.md sections 41-43: a faster step on all
+# eight wide twins measured, e.g. 1.29x instead of 1.65x BP's on resnet50, 1.67x instead of 3.39x on convnext_tiny; as
+# or more accurate and sooner to BP-SGD's accuracy on resnet50, convnext_tiny, resnext50_32x4d). dbp_block_size=0: dense
 WIDE_TWIN_ARGS: Dict[str, Any] = dict(dbp_block_size=256)
 
 
