@@ -556,7 +556,8 @@ def _load_model_state(model: nn.Module, state_dict: dict, source: str) -> None:
         target = model.state_dict()
         hint = next((r_shape_hint(state_dict, k, model) for k, v in state_dict.items()
                      if k in target and v.shape != target[k].shape), '')
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e
+        lines = str(e).splitlines()
+        first = lines[1].strip() if len(lines) > 1 else e
         raise UserError(f'{source} does not fit model: {first}{hint}')
 
 

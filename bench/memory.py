@@ -102,8 +102,8 @@ def main():
         mib = 2 ** 20
         print(f'{model_name}: params {params / mib:.1f} MiB; R: ' + ', '.join(
             f'{s} {b / mib:.1f} MiB' for s, b in dbp.items()))
+        bp_train = row['peak']['bp']['training'] if row['peak'] else None  # None with --state-only: no peaks
         for name, p in row['peak'].items():
-            bp_train = row['peak']['bp']['training']
             print(f'    {name:>8}: peak {p["peak"] / mib:8.1f} MiB, training adds {p["training"] / mib:8.1f} MiB '
                   f'({p["training"] / bp_train:.2f}x BP)', flush=True)
     meta = dict(device=args.device, torch=torch.__version__, timm=timm.__version__, steps=args.steps,
