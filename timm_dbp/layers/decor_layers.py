@@ -24,7 +24,7 @@ from that product's output (R_c x is not computed twice). A kron layer draws dec
 decor_vectors_per_patch patches and stores the decor_samples vectors each of its factors learns from
 (`kron_factor_inputs`): decor_samples (c + s) numbers held until the optimizer step (and all-gathered under DDP),
 not c s per patch. The optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed forwards cost
-nothing.
+nothing. Under torch.compile the sampling runs eagerly (a graph break in an armed forward; the rest is compiled).
 
 Paper: https://arxiv.org/abs/2405.02385
 """
@@ -429,9 +429,11 @@ class DecorLayer:
         return fused_weight(self.weight, self.decor_matrix, self._spatial_factor())
 
     @torch.jit.ignore
+    @torch.compiler.disable
     def _store_decor_inputs(self, x: torch.Tensor, channel_mixed: bool) -> None:
         """Keep a sample of z = R x from the layer input x, or from x = R_c x_in when channel_mixed (the output of
-        the input-side R_c, whose R is then not applied again)."""
+        the input-side R_c, whose R is then not applied again). Never traced by torch.compile (a graph break): the
+        sample is data dependent and its seed changes every step, so a traced one would recompile every step."""
         # NOTE under TorchScript this runs on the script wrapper: scripted models are for inference
         generator = None
         if self.decor_seed >= 0:  # own stream: sampling never shifts the training RNG (data order, dropout)

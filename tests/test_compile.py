@@ -1,0 +1,59 @@
+""" torch.compile on DBP twins: R learns as in eager mode, and a training run compiles its graphs once """
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import timm_dbp
+import train
+from timm_dbp import decor_layers
+
+from test_train import _args, _last, _summary
+
+
+def _train(steps: int, backend=None, **opt_kwargs):
+    """dbp_test_resnet trained `steps` SGD steps on fixed random batches, eagerly or compiled with `backend`: (model,
+    losses, number of frames dynamo had tried to compile after each step)."""
+    torch.manual_seed(0)
+    model = timm.create_model('dbp_test_resnet', num_classes=10)
+    opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, momentum=0.9, **opt_kwargs)
+    forward = model if backend is None else torch.compile(model, backend=backend)
+    data = torch.Generator().manual_seed(1)
+    losses, frames = [], []
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 32, 32, generator=data), torch.randint(0, 10, (8,), generator=data)
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        frames.append(counters['frames']['total'])
+    return model, losses, frames
+
+
+@pytest.mark.parametrize('interval', [1, 2])
+def test_compiled_twin_learns_R_as_eager_and_compiles_once(interval):
+    torch._dynamo.reset()
+    counters.clear()
+    steps = 6
+    compiled, compiled_losses, frames = _train(steps, 'aot_eager', decor_interval=interval)
+    eager, eager_losses, _ = _train(steps, decor_interval=interval)
+    # armed and unarmed forwards (interval 2) are both compiled by step 3; later steps only reuse them (the old code
+    # traced the sampling, whose seed changes every step: every step dynamo went through 32 frames again, 50x slower)
+    assert frames[-1] == frames[2] > 0, frames
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(decor_layers(compiled), decor_layers(eager)):
+        assert int(a.decor_updates) == int(b.decor_updates) == -(-steps // interval), name
+        torch.testing.assert_close(a.decor_matrix, b.decor_matrix, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_train_py_torchcompile_trains_R_saves_plain_names_and_resumes(tiny_fmnist, tmp_path):
+    out, compiled = str(tmp_path), ('--torchcompile', 'aot_eager')
+    assert train.run(_args(tiny_fmnist, out, 'compiled', '--epochs', '1', *compiled)) == 0
+    state = _last(out, 'compiled')['state_dict']
+    assert not any('_orig_mod' in k for k in state)  # the old train.py saved the compiled module's names
+    assert any(k.endswith('decor_matrix') and not torch.equal(v, torch.eye(len(v))) for k, v in state.items())
+    timm.create_model('dbp_test_resnet', num_classes=10, in_chans=1).load_state_dict(state)  # a plain build loads it
+    assert train.run(_args(tiny_fmnist, out, 'compiled', *compiled, '--resume', 'auto')) == 0  # to epoch 2 of 2
+    assert [row['epoch'] for row in _summary(out, 'compiled')] == ['0', '1']
