@@ -15,6 +15,7 @@ chart.
 
     python bench/step_cost.py --out docs/bench_step_cost   # CPU: resnet18 64px b64, resnet18 224px b32, resnet50 64px b64
     python bench/step_cost.py --dbp dbp_structure=channel decor_interval=4   # other DBP settings
+    python bench/step_cost.py --configs resnet18:64:64 --compile   # every model under torch.compile (inductor)
 """
 import argparse
 import json
@@ -37,6 +38,9 @@ parser.add_argument('--repeats', type=int, default=7)
 parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 parser.add_argument('--channels-last', action='store_true')
 parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
+parser.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                    help='torch.compile every variant\'s model (backend: inductor if none is named); compiling happens '
+                         'in the warm-up round, which is not timed')
 parser.add_argument('--out', default=None, help='output prefix: writes <out>.json and <out>.png')
 parser.add_argument('--dbp', nargs='*', default={}, action=timm.utils.ParseKwargs,
                     help='DBP settings: dbp_* keys go to the model (e.g. dbp_structure=channel), the rest to the '
@@ -46,7 +50,7 @@ VARIANTS = ('bp', 'fusion', 'sample', 'dbp')
 PHASES = ('forward', 'backward', 'step')  # each step is also timed by phase: forward + loss, backward, opt.step()
 
 
-def build(variant, model_name, img_size, device, channels_last, settings):
+def build(variant, model_name, img_size, device, channels_last, settings, compile_backend=None):
     torch.manual_seed(0)
     model_kwargs, opt_kwargs = split_dbp_settings(settings)
     size_kwargs = dict(img_size=img_size) if timm.models.get_pretrained_cfg(model_name).fixed_input_size else {}
@@ -63,6 +67,8 @@ def build(variant, model_name, img_size, device, channels_last, settings):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = timm.optim.create_optimizer_v2(model, opt=opt_name, lr=0.01, momentum=0.9, **opt_kwargs)
+    if compile_backend:  # as train.py --torchcompile: the model, after its optimizer was made
+        model = torch.compile(model, backend=compile_backend)
     return model, opt
 
 
@@ -123,22 +129,24 @@ def main():
         y = torch.randint(0, 100, (batch,), device=device)
         steps, state_mib, phases = {}, 0.0, {v: [] for v in VARIANTS}
         for variant in VARIANTS:
-            model, opt = build(variant, model_name, img, device, args.channels_last, args.dbp)
+            model, opt = build(variant, model_name, img, device, args.channels_last, args.dbp, args.compile)
             steps[variant], block = step_fn(variant, model, opt, x, y, args.amp, args.dbp, phases[variant])
             if variant == 'dbp':
                 state_mib = sum(layer.decor_state_bytes for _, layer in decor_layers(model)) / 2 ** 20
-        times = {v: [] for v in VARIANTS}
+        times, warmup = {v: [] for v in VARIANTS}, {}
         for round_idx in range(args.repeats + 1):
             for variant in VARIANTS:
                 t = timed(steps[variant], device) / block
-                if round_idx > 0:  # round 0 is warm-up
+                if round_idx > 0:  # round 0 is warm-up (and compiling, with --compile)
                     times[variant].append(t)
+                else:
+                    warmup[variant] = t
         med = {v: statistics.median(times[v]) for v in VARIANTS}
         timed_phases = {v: phases[v][block:] for v in VARIANTS}  # steps of the timed rounds (not the warm-up)
         phase_med = {v: dict(zip(PHASES, (statistics.median(p) for p in zip(*timed_phases[v])))) for v in VARIANTS}
         row = dict(
             config=config, model=model_name, img_size=img, batch_size=batch, dbp_settings=args.dbp,
-            decor_state_mib=state_mib, median_s=med, raw_s=times, phase_median_s=phase_med,
+            decor_state_mib=state_mib, median_s=med, raw_s=times, warmup_s=warmup, phase_median_s=phase_med,
             raw_phase_s=timed_phases,
             ratio_dbp_bp=med['dbp'] / med['bp'],
             overhead_s=dict(fusion=med['fusion'] - med['bp'], sample=med['sample'] - med['fusion'],
@@ -152,8 +160,12 @@ def main():
               flush=True)
         print(' ' * 20 + 'phase medians (forward / backward / optimizer step, ms): ' + ', '.join(
             f'{v} ' + ' / '.join(f'{phase_med[v][p] * 1e3:.1f}' for p in PHASES) for v in VARIANTS), flush=True)
+        if args.compile:
+            print(' ' * 20 + 'warm-up round with compiling (s): ' + ', '.join(
+                f'{v} {warmup[v] * block:.1f}' for v in VARIANTS), flush=True)
     meta = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
-                amp=args.amp, channels_last=args.channels_last, repeats=args.repeats, dbp_settings=args.dbp,
+                amp=args.amp, channels_last=args.channels_last, compile=args.compile, repeats=args.repeats,
+                dbp_settings=args.dbp,
                 dbp_defaults=timm_dbp.DBP_DEFAULTS)
     if device.type == 'cuda':
         meta['gpu'] = torch.cuda.get_device_name()
@@ -180,8 +192,9 @@ def plot(results, path, meta):
     if len(results) > 4:  # long config names: slanted
         ax.tick_params(axis='x', labelrotation=40, labelsize=8)
         plt.setp(ax.get_xticklabels(), ha='right')
-    ax.set_title(f'DBP vs BP step cost ({meta["device"]}, {meta["threads"]} threads)\n{meta["dbp_settings"] or "defaults"}',
-                 fontsize=9)
+    compiled = f', torch.compile ({meta["compile"]})' if meta.get('compile') else ''
+    ax.set_title(f'DBP vs BP step cost ({meta["device"]}, {meta["threads"]} threads{compiled})\n'
+                 f'{meta["dbp_settings"] or "defaults"}', fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -85,6 +85,13 @@ def test_step_cost_with_dbp_settings_smoke(tmp_path):
     assert 0 < data['results'][0]['decor_state_mib'] < 1
 
 
+def test_step_cost_compiled_smoke(tmp_path):
+    _run('step_cost.py', '--configs', 'test_resnet:32:4', '--repeats', '1', '--out', str(tmp_path / 's'),
+         '--compile', 'aot_eager')
+    data = json.loads((tmp_path / 's.json').read_text())
+    assert data['meta']['compile'] == 'aot_eager' and data['results'][0]['ratio_dbp_bp'] > 0
+
+
 def test_sketched_conv_smoke(tmp_path):
     _run('sketched_conv.py', '--models', 'test_resnet:32:4', '--probes', '2', '--dbp-probes', '2', '--steps', '1',
          '--repeats', '1', '--out', str(tmp_path / 's'))
