@@ -167,6 +167,9 @@ def main():
                 amp=args.amp, channels_last=args.channels_last, compile=args.compile, repeats=args.repeats,
                 dbp_settings=args.dbp,
                 dbp_defaults=timm_dbp.DBP_DEFAULTS)
+    if args.compile == 'inductor':  # TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 turns it off (section 44b)
+        import torch._inductor.config
+        meta['inductor_layout_optimization'] = torch._inductor.config.layout_optimization
     if device.type == 'cuda':
         meta['gpu'] = torch.cuda.get_device_name()
     print(json.dumps(meta))
