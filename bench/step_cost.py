@@ -168,8 +168,8 @@ def main():
                 dbp_settings=args.dbp,
                 dbp_defaults=timm_dbp.DBP_DEFAULTS)
     if args.compile == 'inductor':  # TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 turns it off (section 44b)
-        import torch._inductor.config
-        meta['inductor_layout_optimization'] = torch._inductor.config.layout_optimization
+        from torch._inductor import config as inductor_config
+        meta['inductor_layout_optimization'] = inductor_config.layout_optimization
     if device.type == 'cuda':
         meta['gpu'] = torch.cuda.get_device_name()
     print(json.dumps(meta))
