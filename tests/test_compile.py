@@ -57,3 +57,21 @@ def test_train_py_torchcompile_trains_R_saves_plain_names_and_resumes(tiny_fmnis
     timm.create_model('dbp_test_resnet', num_classes=10, in_chans=1).load_state_dict(state)  # a plain build loads it
     assert train.run(_args(tiny_fmnist, out, 'compiled', *compiled, '--resume', 'auto')) == 0  # to epoch 2 of 2
     assert [row['epoch'] for row in _summary(out, 'compiled')] == ['0', '1']
+
+
+def test_compiled_spatial_product_is_the_plain_product():
+    """Eagerly a large A @ R_s runs as a channels-last 1x1 conv (an autograd.Function); compiled, inductor makes that
+    conv 3-5x slower (BENCHMARKS 44c), so the traced graph must hold the plain product, with the same values."""
+    from timm_dbp.layers.decorrelation import SMALL_PRODUCT_CONV_MIN, times_small_matrix
+    A = torch.randn(SMALL_PRODUCT_CONV_MIN // 9 + 1, 1, 9)
+    M = torch.eye(9) + 0.1 * torch.randn(9, 9)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(times_small_matrix, backend=capture)(A, M)
+    assert len(graphs) == 1 and 'autograd_function_apply' not in graphs[0] and 'matmul' in graphs[0], graphs
+    torch.testing.assert_close(compiled, times_small_matrix(A, M))

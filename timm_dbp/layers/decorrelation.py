@@ -221,10 +221,12 @@ def times_small_matrix(A: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     An (N, 9) x (9, 9) sgemm runs far below memory speed on CPU (MKL, 2 cores: 6.0 ms for N = 512 * 512, a copy of A
     1.4 ms; BENCHMARKS section 30); there a float32 A of at least SMALL_PRODUCT_CONV_MIN elements (from a 256 x 128
     x 3 x 3 kernel up; smaller ones gain nothing) goes through one channels-last 1x1 conv instead (2.9 ms; forward +
-    backward 6.3 ms against 13.6). Same values up to float rounding; exact for M = I.
+    backward 6.3 ms against 13.6). Same values up to float rounding; exact for M = I. Under torch.compile the plain
+    product (inductor makes the conv 3-5x slower than eager: BENCHMARKS section 44c).
     """
     if not torch.jit.is_scripting():  # (TorchScript compiles no autograd.Function; it skips this block)
-        if A.device.type == 'cpu' and A.dtype == torch.float32 and A.ndim == 3 and A.numel() >= SMALL_PRODUCT_CONV_MIN:
+        if (not torch.compiler.is_compiling() and A.device.type == 'cpu' and A.dtype == torch.float32 and A.ndim == 3
+                and A.numel() >= SMALL_PRODUCT_CONV_MIN):
             return _TimesSmallMatrix.apply(A, M)
     return A @ M
 
