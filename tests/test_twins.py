@@ -68,8 +68,8 @@ def test_twin_loads_timm_weights_with_identity_R_and_folds_exactly(name, tmp_pat
     x = torch.randn(2, 3, size, size)
     assert torch.equal(twin(x), plain(x))
     layers = dict(decor_layers(twin))
-    assert layers and all(torch.equal(R, torch.eye(len(R))) for layer in layers.values() for R in
-                          (layer.decor_matrix, layer.decor_spatial) if R.numel())
+    assert layers and all(torch.equal(R, torch.eye(R.shape[-1]).expand_as(R)) for layer in layers.values() for R in
+                          (layer.decor_matrix, layer.decor_spatial) if R.numel())  # (also block by block)
     # every Conv2d / Linear is a DBP layer: the rule is "exact nn.Conv2d / nn.Linear / timm Linear"
     assert not [n for n, m in twin.named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
 
