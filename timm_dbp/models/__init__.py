@@ -1,5 +1,6 @@
 from ._pretrained import PretrainedWeightsError, r_shape_hint
-from ._twin import DBP_MODEL_KWARGS, DBPModel, build_dbp_twin, dbp_checkpoint_filter, dbp_model_kwargs, pop_dbp_args
+from ._twin import (
+    DBP_MODEL_KWARGS, WIDE_TWIN_ARGS, DBPModel, build_dbp_twin, dbp_checkpoint_filter, dbp_model_kwargs, pop_dbp_args)
 from .dbp_convnext import *
 from .dbp_efficientnet import *
 from .dbp_mobilenetv3 import *
