@@ -731,11 +731,12 @@ def main(argv=None):
         if checkpoint is not None and checkpoint.get('state_dict_ema') is not None:
             model_ema.module.load_state_dict(checkpoint['state_dict_ema'])
 
-    # `model` stays the plain module, so checkpoints keep the model's own names (no `_orig_mod.`); the compiled one
-    # runs the training steps and the evaluation
-    compiled = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode) if args.torchcompile \
-        else model
-    train_model = wrap_ddp(compiled, device, broadcast_buffers=not args.no_ddp_bb) if args.distributed else compiled
+    # `model` stays the plain module, so checkpoints keep the model's own names (no `_orig_mod.`); `run_model` (the
+    # compiled one with --torchcompile) runs the training steps and the evaluation
+    run_model = model
+    if args.torchcompile:
+        run_model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+    train_model = wrap_ddp(run_model, device, broadcast_buffers=not args.no_ddp_bb) if args.distributed else run_model
 
     # Data
     dataset_train = build_dataset(args, args.train_split, True, args.train_num_samples)
@@ -870,7 +871,7 @@ def main(argv=None):
         if trainer is not None and ((epoch + 1) % args.val_interval == 0 or last_epoch):
             eval_metrics = validate_decoupled(trainer, loader_eval, validate_loss_fn, args, device, amp_autocast)
         elif (epoch + 1) % args.val_interval == 0 or last_epoch:
-            eval_metrics = validate(compiled, loader_eval, validate_loss_fn, args, device, amp_autocast)
+            eval_metrics = validate(run_model, loader_eval, validate_loss_fn, args, device, amp_autocast)
             if model_ema is not None:
                 if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                     utils.distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
