@@ -6,8 +6,8 @@ For every DecorConv2d / DecorLinear of dbp_<model>, on the input that layer sees
     fusion    forward + backward (grads of input and weight) of the DBP layer minus the same of the plain conv /
               linear with the layer's weight (median of --repeats interleaved pairs); `path` says how R is applied:
               'fused' (A = W R is the kernel) or 'input' (R_c on the input, a 1x1 conv; the spatial factor fused)
-    sample    drawing decor_samples inputs from that input (the armed forward's extra work: armed minus unarmed
-              no-grad forward, interleaved pairs)
+    sample    drawing decor_samples inputs from that input (an armed no-grad forward plus the optimizer step's sample
+              from the input it kept, minus an unarmed forward; interleaved pairs)
     update    one R update from that sample (`update_decorrelation`, decor_lr = 0 so R stays the same)
 Sampling and update multiply in the optimizer's `decor_matmul_dtype` (default 'auto': bfloat16 operands where the CPU
 has bfloat16 units); the optimizer batches equal-shape updates of several layers, which this per-layer view does not.
@@ -44,10 +44,12 @@ parser.add_argument('--out', default=None, help='output prefix: writes <out>.jso
 
 
 def armed_forward(layer, x, samples):
-    """One no-grad forward of `layer`, sampling `samples` inputs (0: unarmed, no sample)."""
+    """One no-grad forward of `layer` and, armed (samples > 0), the sample of `samples` inputs that the optimizer step
+    draws from the input the forward kept; returns that sample (None unarmed)."""
     layer.decor_samples = samples
     layer(x)
     layer.decor_samples = 0
+    return layer.take_decor_inputs()
 
 
 def forward_backward(layer, x, plain):
@@ -95,7 +97,7 @@ def main():
             forwards = interleaved_times({k: (lambda k=k: armed_forward(layer, x, k)) for k in (args.samples, 0)},
                                          args.repeats)
         armed, unarmed = (statistics.median(forwards[k]) for k in (args.samples, 0))
-        sample = layer.take_decor_inputs()  # of the last armed forward
+        sample = armed_forward(layer, x, args.samples)
         update = lambda: layer.update_decorrelation(sample, lr=0.0, kappa=0.0, matmul_dtype=matmul_dtype)  # noqa: E731
         update_s = statistics.median(interleaved_times({'update': update}, args.repeats)['update'])
         rows.append(dict(

@@ -3,7 +3,8 @@
 For each (model, image size, batch) config, times one training step (forward, backward, optimizer step) of:
     bp        the plain timm model (e.g. resnet18) with SGD
     fusion    the DBP twin with dbpsgd and decor_lr=0: the fused W R forward/backward only, no sampling, no update
-    sample    as fusion, plus the armed forward that samples decor_samples inputs per layer (result discarded)
+    sample    as fusion, plus the sampling: decor_samples inputs per layer drawn from the armed forward's kept input
+              in the optimizer step, as the dbp step does (result discarded)
     dbp       the DBP twin with dbpsgd, default settings: fusion + sampling + R update
 Variants run interleaved (bp fusion sample dbp bp fusion ...), --repeats rounds after one warm-up round; medians.
 Overheads are differences of medians: fusion - bp, sample - fusion, dbp - sample. Timer: time.perf_counter with
@@ -91,12 +92,12 @@ def step_fn(variant, model, opt, x, y, amp, settings, phase_times):
         loss.backward()
         t2 = now(x.device)
         opt.step()
+        if arm:  # the sample the dbp step draws in its optimizer step
+            for layer in layers:
+                layer.take_decor_inputs()
         t3 = now(x.device)
         phase_times.append((t1 - t0, t2 - t1, t3 - t2))
         opt.zero_grad(set_to_none=True)
-        if arm:
-            for layer in layers:
-                layer.take_decor_inputs()
 
     def steps():
         for index in range(block):

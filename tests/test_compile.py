@@ -12,17 +12,17 @@ from timm_dbp import decor_layers
 from test_train import _args, _last, _summary
 
 
-def _train(steps: int, backend=None, **opt_kwargs):
+def _train(steps: int, backend=None, in_chans: int = 3, **opt_kwargs):
     """dbp_test_resnet trained `steps` SGD steps on fixed random batches, eagerly or compiled with `backend`: (model,
     losses, number of frames dynamo had tried to compile after each step)."""
     torch.manual_seed(0)
-    model = timm.create_model('dbp_test_resnet', num_classes=10)
+    model = timm.create_model('dbp_test_resnet', num_classes=10, in_chans=in_chans)
     opt = timm.optim.create_optimizer_v2(model, opt='dbpsgd', lr=0.05, momentum=0.9, **opt_kwargs)
     forward = model if backend is None else torch.compile(model, backend=backend)
     data = torch.Generator().manual_seed(1)
     losses, frames = [], []
     for _ in range(steps):
-        x, y = torch.randn(8, 3, 32, 32, generator=data), torch.randint(0, 10, (8,), generator=data)
+        x, y = torch.randn(8, in_chans, 32, 32, generator=data), torch.randint(0, 10, (8,), generator=data)
         loss = F.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
@@ -32,16 +32,20 @@ def _train(steps: int, backend=None, **opt_kwargs):
     return model, losses, frames
 
 
-@pytest.mark.parametrize('interval', [1, 2])
-def test_compiled_twin_learns_R_as_eager_and_compiles_once(interval):
+@pytest.mark.parametrize('interval, in_chans', [(1, 3), (2, 3), (2, 1)])
+def test_compiled_twin_learns_R_as_eager_and_compiles_once(interval, in_chans):
     torch._dynamo.reset()
     counters.clear()
     steps = 6
-    compiled, compiled_losses, frames = _train(steps, 'aot_eager', decor_interval=interval)
-    eager, eager_losses, _ = _train(steps, decor_interval=interval)
-    # armed and unarmed forwards (interval 2) are both compiled by step 3; later steps only reuse them (the old code
+    compiled, compiled_losses, frames = _train(steps, 'aot_eager', in_chans, decor_interval=interval)
+    eager, eager_losses, _ = _train(steps, in_chans=in_chans, decor_interval=interval)
+    # armed and unarmed forwards (interval 2) are both compiled by step 3; later steps only reuse them (an older code
     # traced the sampling, whose seed changes every step: every step dynamo went through 32 frames again, 50x slower)
     assert frames[-1] == frames[2] > 0, frames
+    # each a whole graph: the armed forward only keeps its layers' inputs, the step samples them (the sampling in the
+    # forward, run eagerly, broke an armed forward into a graph per layer)
+    assert not counters['graph_break'], dict(counters['graph_break'])
+    assert counters['stats']['unique_graphs'] == min(interval, 2), dict(counters['stats'])
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-4, atol=1e-5)
     for (name, a), (_, b) in zip(decor_layers(compiled), decor_layers(eager)):
         assert int(a.decor_updates) == int(b.decor_updates) == -(-steps // interval), name

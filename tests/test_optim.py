@@ -131,7 +131,7 @@ def test_optimizer_updates_every_layer_as_its_own_update_would(batch, matmul_dty
     expected = {}
     for name, layer in decor_layers(model):
         twin = copy.deepcopy(layer)
-        applied = twin.update_decorrelation(layer.decor_inputs, lr=0.05, kappa=0.2, max_step=0.2,
+        applied = twin.update_decorrelation(twin.take_decor_inputs(), lr=0.05, kappa=0.2, max_step=0.2,
                                             matmul_dtype=getattr(torch, matmul_dtype))
         expected[name] = (twin, bool(applied))
     opt.step()
@@ -195,9 +195,10 @@ def test_vectors_per_patch_reaches_the_layers_of_its_param_group(monkeypatch):
     assert kron[0].decor_vectors_per_patch == 1 and kron[1].decor_vectors_per_patch == 2  # the default, the group's
     x, y = _batch(0)
     F.cross_entropy(model(x), y).backward()
+    assert not drawn  # the forward only keeps its input; the step draws the sample
+    opt.step()
     requested = {id(conv): n for conv, n in drawn}
     assert requested[id(kron[0])] == 64 and requested[id(kron[1])] == 32
-    opt.step()
     assert int(kron[0].decor_updates) == int(kron[1].decor_updates) == 1
 
 
@@ -210,7 +211,7 @@ def test_interval_updates_every_k_steps_and_samples_only_then():
         before = layer.decor_matrix.clone()
         x, y = _batch(step)
         F.cross_entropy(model(x), y).backward()
-        sampled = layer.decor_inputs is not None
+        sampled = layer.decor_input is not None
         opt.step()
         opt.zero_grad()
         changed.append(not torch.equal(before, layer.decor_matrix))
@@ -230,7 +231,7 @@ def test_decor_steps_stops_R_learning_and_sampling(interval):
         before, weight_before = layer.decor_matrix.clone(), layer.weight.detach().clone()
         x, y = _batch(step)
         F.cross_entropy(model(x), y).backward()
-        sampled.append(layer.decor_inputs is not None)
+        sampled.append(layer.decor_input is not None)
         opt.step()
         opt.zero_grad()
         changed.append(not torch.equal(before, layer.decor_matrix))
@@ -439,7 +440,7 @@ def test_warm_up_changes_R_only_and_not_the_training_steps_sampling():
             assert torch.equal(v, others[k]), k
     assert opt.dbp_step == 0 and opt.state_dict()['state'] == opt_state
     assert [layer.decor_seed for _, layer in decor_layers(model)] == seeds  # step 0 samples as without warm-up
-    assert all(layer.decor_inputs is None for _, layer in decor_layers(model))
+    assert all(layer.decor_input is None for _, layer in decor_layers(model))
     assert torch.equal(torch.get_rng_state(), rng)
 
 
@@ -469,5 +470,5 @@ def test_interrupted_warm_up_restores_the_model_state():
     with pytest.raises(KeyboardInterrupt):
         opt.warm_up_decorrelation(model, batches())
     assert torch.equal(model.bn1.running_mean, bn)
-    assert all(layer.decor_inputs is None for _, layer in decor_layers(model))
+    assert all(layer.decor_input is None for _, layer in decor_layers(model))
     assert [layer.decor_samples for _, layer in decor_layers(model)] == [1024] * len(list(decor_layers(model)))

@@ -149,7 +149,7 @@ def _simulate(num_stages, delay, accum=1, shrink=1.0, epochs=2, num_batches=7):
                 frozen = copy.deepcopy(stage) if k < K - 1 and D > 0 else stage
                 out = frozen(x)
                 for (_, live), (_, used) in zip(decor_layers(stage), decor_layers(frozen)):
-                    live.decor_inputs = used.decor_inputs  # the live layer's next R update uses this sample
+                    live.decor_input = used.decor_input  # the live layer's next R update samples this input
                 copies[(k, b)] = (frozen, x, out)
                 if k < K - 1:
                     acts[(k + 1, b)] = out.detach().clone()

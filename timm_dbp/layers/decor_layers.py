@@ -17,20 +17,22 @@ against C_out c^2 s) and gives the same output. Either way the gradient for W eq
 input z = R x.
 
 R is never trained by autograd. A DBP optimizer arms a layer (`decor_samples > 0`) for the forward of
-a step that updates R; that forward then stores a random sample of its decorrelated inputs z = R x (of patches or
-rows drawn without replacement, computed with the R of that forward, which is the R the update sees), overwriting
-any earlier one, so a gradient-checkpoint re-run is harmless. Where R_c is applied to the input, the sample is drawn
-from that product's output (R_c x is not computed twice). A kron layer draws decor_samples /
-decor_vectors_per_patch patches and stores the decor_samples vectors each of its factors learns from
-(`kron_factor_inputs`): decor_samples (c + s) numbers held until the optimizer step (and all-gathered under DDP),
-not c s per patch. The optimizer's `step()` consumes the sample with `update_decorrelation()`. Unarmed forwards cost
-nothing. Under torch.compile the sampling runs eagerly (a graph break in an armed forward; the rest is compiled).
+a step that updates R; that forward keeps a reference to its input (`decor_input`: no copy, the conv saves that
+tensor for its backward anyway; overwritten by a later armed forward, so a gradient-checkpoint re-run is harmless).
+The optimizer's `step()` takes a random sample of decorrelated inputs z = R x from it (`take_decor_inputs`: patches or
+rows drawn without replacement, computed with R as it is then, which is the R of that forward: R only changes in the
+step) and consumes it with `update_decorrelation()`. Where R_c is applied to the input, the kept input is that
+product's output (R_c x is not computed twice). A kron layer draws decor_samples / decor_vectors_per_patch patches
+and returns the decor_samples vectors each of its factors learns from (`kron_factor_inputs`): decor_samples (c + s)
+numbers (all-gathered under DDP), not c s per patch. Unarmed forwards cost nothing. The forward itself holds no
+data-dependent work, so torch.compile traces an armed forward whole (the kept input is one more graph output) and
+the sampling runs eagerly in the step.
 
 Paper: https://arxiv.org/abs/2405.02385
 """
 import functools
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -263,6 +265,13 @@ def sample_rows(x: torch.Tensor, num_samples: int, generator: Optional[torch.Gen
 _LAYER_OF_WEIGHT: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
 
 
+class KeptInput(NamedTuple):
+    """What an armed training forward of a DBP layer keeps for the optimizer step's sample."""
+    x: torch.Tensor  # the layer's input, detached (no copy: the conv saves it for its backward anyway)
+    channel_mixed: bool  # x is R_c x_in, the output of the input-side channel factor
+    num_samples: int  # the layer's decor_samples at that forward
+
+
 def _register_weight(layer: nn.Module) -> None:
     key = id(layer.weight)
 
@@ -349,7 +358,7 @@ class DecorLayer:
     decor_vectors_per_patch: int
     decor_seed: int
     decor_matmul_dtype: str
-    decor_inputs: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
+    decor_input: Optional[KeptInput]
 
     def _init_decor(self, structure: str = 'full', block_size: Optional[int] = None, device=None, dtype=None) -> None:
         if structure not in DECOR_STRUCTURES:
@@ -376,7 +385,7 @@ class DecorLayer:
         self.decor_vectors_per_patch = DEFAULT_VECTORS_PER_PATCH  # kron: vectors per factor drawn from one patch
         self.decor_seed = -1  # seed of that sample (set by the optimizer); -1 = torch's global generator
         self.decor_matmul_dtype = 'float32'  # operands of the sample's product with R (set by the optimizer)
-        self.decor_inputs = None
+        self.decor_input = None  # the input kept by an armed training forward, until the optimizer's sample
         self.reset_decorrelation()
         _register_weight(self)
 
@@ -412,13 +421,15 @@ class DecorLayer:
             self.decor_loss.fill_(float('nan'))
             self.decor_corr.fill_(float('nan'))
             self.decor_kappa.fill_(float('nan'))
-        self.decor_inputs = None
+        self.decor_input = None
 
     def __setstate__(self, state) -> None:
         # pickle / deepcopy build the layer without __init__: register the copy's weight as well
         super().__setstate__(state)
         self.__dict__.setdefault('decor_vectors_per_patch', DEFAULT_VECTORS_PER_PATCH)  # pickled by older versions
         self.__dict__.setdefault('decor_matmul_dtype', 'float32')
+        self.__dict__.setdefault('decor_input', None)
+        self.__dict__.pop('decor_inputs', None)  # an older version's sample, drawn in the forward
         _register_weight(self)
 
     def _spatial_factor(self) -> Optional[torch.Tensor]:
@@ -429,49 +440,56 @@ class DecorLayer:
         return fused_weight(self.weight, self.decor_matrix, self._spatial_factor())
 
     @torch.jit.ignore
-    @torch.compiler.disable
-    def _store_decor_inputs(self, x: torch.Tensor, channel_mixed: bool) -> None:
-        """Keep a sample of z = R x from the layer input x, or from x = R_c x_in when channel_mixed (the output of
-        the input-side R_c, whose R is then not applied again). Never traced by torch.compile (a graph break): the
-        sample is data dependent and its seed changes every step, so a traced one would recompile every step."""
+    def _keep_decor_input(self, x: torch.Tensor, channel_mixed: bool) -> None:
+        """Keep the input x of an armed training forward for the step's sample (x = R_c x_in when channel_mixed: the
+        output of the input-side R_c, whose R is then not applied again)."""
         # NOTE under TorchScript this runs on the script wrapper: scripted models are for inference
-        generator = None
-        if self.decor_seed >= 0:  # own stream: sampling never shifts the training RNG (data order, dropout)
-            generator = torch.Generator(device=x.device)
-            generator.manual_seed(self.decor_seed)
-        x = x.detach()
-        matmul_dtype = matmul_dtype_named(self.decor_matmul_dtype, x.device)
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # z in float32, also under AMP
-            if self.decor_structure == 'channel':  # a conv whose R_c acts on pixel vectors
-                z = sample_pixels(x, self.groups, self.decor_samples, generator).float()
-            elif hasattr(self, 'kernel_size'):  # a conv (also seen through a TorchScript wrapper)
-                spatial = self._spatial_factor()
-                if spatial is not None:  # fewer patches, several vectors each; kept as the factors' vectors
-                    num_patches = -(-self.decor_samples // self.decor_vectors_per_patch)
-                    self.decor_inputs = sample_kron_factor_inputs(
-                        x, self, self.decor_matrix, spatial, num_patches, self.decor_samples, generator, channel_mixed,
-                        matmul_dtype)
-                    return
-                z = sample_conv_patches(x, self, self.decor_samples, generator).float()
-            else:
-                z = sample_rows(x, self.decor_samples, generator).float()
-            R = self.decor_matrix.float()
-            self.decor_inputs = z if channel_mixed else factor_product(
-                z, R.mT, operand_dtype(R.shape[-1], matmul_dtype))
+        self.decor_input = KeptInput(x.detach(), channel_mixed, self.decor_samples)
 
     def take_decor_inputs(self) -> Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]:
-        """Return and clear the sample stored by the last armed training forward: (n, d) decorrelated inputs z = R x,
-        float32, of conv patches (full), pixel channel vectors (channel) or linear inputs; for a kron R the pair
-        (channel vectors, spatial vectors) of `kron_factor_inputs` of the sampled patches."""
-        inputs, self.decor_inputs = self.decor_inputs, None
-        return inputs
+        """Draw a sample of decorrelated inputs z = R x from the input kept by the last armed training forward (as
+        many as the layer was armed for), and forget that input; None if there is none. The sample: (n, d) float32
+        vectors of conv patches (full), pixel channel vectors (channel) or linear inputs; for a kron R the pair
+        (channel vectors, spatial vectors) of `kron_factor_inputs` of the sampled patches. Drawn with the layer's
+        `decor_seed` (its own stream, when >= 0: sampling never shifts the training RNG), `decor_vectors_per_patch`
+        and `decor_matmul_dtype`, which the optimizer sets when it arms the layer."""
+        kept, self.decor_input = self.decor_input, None
+        return None if kept is None else self._sample_decor_inputs(*kept)
+
+    @torch.jit.ignore
+    @torch.compiler.disable  # data dependent, seeded anew every step: never traced
+    @torch.no_grad()
+    def _sample_decor_inputs(
+            self, x: torch.Tensor, channel_mixed: bool, num_samples: int,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        generator = None
+        if self.decor_seed >= 0:
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(self.decor_seed)
+        matmul_dtype = matmul_dtype_named(self.decor_matmul_dtype, x.device)
+        with torch.autocast(x.device.type, enabled=False):  # z in float32, also under AMP
+            if self.decor_structure == 'channel':  # a conv whose R_c acts on pixel vectors
+                z = sample_pixels(x, self.groups, num_samples, generator).float()
+            elif hasattr(self, 'kernel_size'):  # a conv
+                spatial = self._spatial_factor()
+                if spatial is not None:  # fewer patches, several vectors each; kept as the factors' vectors
+                    num_patches = -(-num_samples // self.decor_vectors_per_patch)
+                    return sample_kron_factor_inputs(x, self, self.decor_matrix, spatial, num_patches,
+                                                     num_samples, generator, channel_mixed, matmul_dtype)
+                z = sample_conv_patches(x, self, num_samples, generator).float()
+            else:
+                z = sample_rows(x, num_samples, generator).float()
+            if channel_mixed:
+                return z
+            R = self.decor_matrix.float()
+            return factor_product(z, R.mT, operand_dtype(R.shape[-1], matmul_dtype))
 
     def decorrelation_problems(
             self,
             inputs: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """(R or one of its factors, the decorrelated vectors z it learns from) for each factor of R, from a sample
-        (see `take_decor_inputs`): [(R, z)]; for a kron R its factors with their vectors, given as the stored pair or
+        (see `take_decor_inputs`): [(R, z)]; for a kron R its factors with their vectors, given as the sampled pair or
         computed here (`kron_factor_inputs`) from (n, c * s) / (n, c, s) patches P of x. A block-diagonal R (or R_c)
         is one problem of G blocks (`factor_problem`)."""
         spatial = self._spatial_factor()
@@ -535,12 +553,12 @@ class DecorConv2d(DecorLayer, nn.Conv2d):
             channel_kernel = R.reshape(-1, R.shape[-1]).repeat(self.groups, 1)[:, :, None, None].to(x.dtype)
             x = F.conv2d(x, channel_kernel, groups=self.groups * blocks)
             if armed:
-                self._store_decor_inputs(x, True)
+                self._keep_decor_input(x, True)
             spatial = self._spatial_factor()
             return self._conv_forward(x, self.weight if spatial is None else fused_weight(self.weight, None, spatial),
                                       self.bias)
         if armed:
-            self._store_decor_inputs(x, False)  # (TorchScript passes no defaults to ignored methods)
+            self._keep_decor_input(x, False)  # (TorchScript passes no defaults to ignored methods)
         return self._conv_forward(x, self.decorrelated_weight(), self.bias)
 
     @classmethod
@@ -568,7 +586,7 @@ class DecorLinear(DecorLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.decor_samples > 0:
-            self._store_decor_inputs(x, False)  # (TorchScript passes no defaults to ignored methods)
+            self._keep_decor_input(x, False)  # (TorchScript passes no defaults to ignored methods)
         weight = self.decorrelated_weight()
         if self.weight.requires_grad and not weight.requires_grad:  # under no_grad: see below
             # torch's linear on a non-contiguous (B, N, C) input picks its matmul kernel by whether the weight

@@ -180,8 +180,10 @@ def fused_weight(
         if R is not None:  # (A_o^T R_c)^T for all o as one (out s, c) x (c, c) product, not `out` small ones
             s = A.shape[2]
             A = factor_product(A.transpose(1, 2).reshape(out * s, c), R.to(weight.dtype))
-            A = A.reshape(out, s, c).transpose(1, 2)
-            A = A.contiguous()  # a transposed view would reach the conv as a channels-last kernel (other rounding)
+            # a transposed view would reach the conv as a channels-last kernel (other rounding); contiguous() would
+            # keep it when c = 1 (a size-1 dim passes as contiguous), and torch.compile's stride propagation then
+            # disagrees with the eager conv about the layout of its output: copy to the standard strides
+            A = A.reshape(out, s, c).transpose(1, 2).clone(memory_format=torch.contiguous_format)
     return A if A.shape == weight.shape else A.reshape(weight.shape)  # no needless view of A (see DecorLinear)
 
 
