@@ -442,7 +442,8 @@ class DecorLayer:
     @torch.jit.ignore
     def _keep_decor_input(self, x: torch.Tensor, channel_mixed: bool) -> None:
         """Keep the input x of an armed training forward for the step's sample (x = R_c x_in when channel_mixed: the
-        output of the input-side R_c, whose R is then not applied again)."""
+        output of the input-side R_c, whose R is then not applied again). A forward with gradients saves x anyway; a
+        no-grad one (`warm_up_decorrelation`) keeps its armed layers' inputs alive as a gradient forward would."""
         # NOTE under TorchScript this runs on the script wrapper: scripted models are for inference
         self.decor_input = KeptInput(x.detach(), channel_mixed, self.decor_samples)
 
@@ -462,6 +463,7 @@ class DecorLayer:
     def _sample_decor_inputs(
             self, x: torch.Tensor, channel_mixed: bool, num_samples: int,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """`take_decor_inputs`'s sample of num_samples vectors from the kept input x."""
         generator = None
         if self.decor_seed >= 0:
             generator = torch.Generator(device=x.device)
