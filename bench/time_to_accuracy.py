@@ -20,6 +20,12 @@ method's schedules (the time-to-train protocol of MLPerf and airbench). Every me
 target stays BP-SGD's final top-1 of the --epochs schedule. `--budget-methods` limits them to some methods (say so
 when reporting: a method without shorter schedules can only cross the target in its --epochs runs).
 
+A best LR at the edge of the sweep says a wider sweep might find a better one. `--extend-edges N` widens the sweep
+by one point beyond each edge where some method's best multiplier lies (by the sweep's outer spacing: x16 after
+... 4 8), for every method alike (the tuning budget stays equal), and picks again, up to N times; the JSON records
+the sweep that ran (`meta.sweep`), and every method whose best still lies at an edge is named in the output and
+flagged in the table (`best_at_sweep_edge`).
+
 Longer schedules (`--fixed-lr-mults METHOD=MULT ...`): those methods skip the sweep and train at that multiplier,
 their choice from the sweep of a shorter schedule of the same protocol (as section 28b did at 12 epochs). Give one
 for every method, so that the tuning budget stays equal; the JSON records them.
@@ -29,6 +35,7 @@ for every method, so that the tuning budget stays equal; the JSON records them.
         --train-num-samples 512 --out /tmp/tta_smoke   # seconds-long smoke run
     python bench/time_to_accuracy.py --lr-mults 2 4 --budgets 1 2 --out docs/bench_tta_budgets   # + shorter schedules
     python bench/time_to_accuracy.py --train-flags="--sched-on-updates" ...   # cosine stepped every update (note the =)
+    python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --lr-mults 1 2 4 --extend-edges 2 ...  # x0.5 / x8 ...
     python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --fixed-lr-mults bp_sgd=4 dbp_kron=8 --epochs 12 \\
         --budgets 6 --budget-methods dbp_kron ...   # 12 epochs at the 6-epoch choices; DBP's 6-epoch schedule too
 """
@@ -148,6 +155,9 @@ parser.add_argument('--budget-methods', nargs='+', default=None, metavar='METHOD
                     help='train the --budgets schedules for these methods only (default: every method)')
 parser.add_argument('--fixed-lr-mults', nargs='+', default=[], metavar='METHOD=MULT',
                     help='methods that skip the sweep and train at this LR multiplier (chosen on another schedule)')
+parser.add_argument('--extend-edges', type=int, default=0, metavar='N',
+                    help='widen the sweep (for every method) beyond an edge where some method\'s best LR lies, up to '
+                         'N times')
 parser.add_argument('--train-num-samples', type=int, default=10000)
 parser.add_argument('--val-num-samples', type=int, default=None, help='test images evaluated (default: all 10k)')
 parser.add_argument('-b', '--batch-size', type=int, default=128)
@@ -283,10 +293,34 @@ def parse_fixed_lr_mults(items, methods):
     return fixed
 
 
+def edge_extension(mults, best):
+    """Multipliers that widen the sorted sweep `mults` by one point beyond each edge where some method's best
+    multiplier lies (`best`: method -> multiplier), spaced as the sweep's two outer points (x2 for one point)."""
+    low, high = mults[0], mults[-1]
+    new = []
+    if low in best.values():
+        new.append(low * low / mults[1] if len(mults) > 1 else low / 2)
+    if high in best.values():
+        new.append(high * high / mults[-2] if len(mults) > 1 else high * 2)
+    return new
+
+
+def best_runs(rows, methods):
+    """{method: its sweep-seed run with the highest final top-1} over the finished runs (methods with none left out)."""
+    best = {}
+    for method in methods:
+        done = [r for r in rows if r['method'] == method and not r['failed']]
+        if done:
+            best[method] = max(done, key=lambda r: r['final_top1'])
+    return best
+
+
 def main():
     args = parser.parse_args()
     if any(not 1 <= e < args.epochs for e in args.budgets):
         parser.error(f'--budgets must be epoch counts from 1 to --epochs - 1 ({args.epochs - 1}), got {args.budgets}')
+    if args.extend_edges < 0:
+        parser.error(f'--extend-edges must be 0 or more, got {args.extend_edges}')
     if args.budget_methods is not None and not set(args.budget_methods) <= set(args.methods):
         parser.error(f'--budget-methods must be some of --methods {args.methods}, got {args.budget_methods}')
     try:
@@ -296,20 +330,32 @@ def main():
     args.train_flag_list = shlex.split(args.train_flags)
     rows = []
     sweep_seed, other_seeds = args.seeds[0], args.seeds[1:]
-    sweep = {m: [fixed[m]] if m in fixed else args.lr_mults for m in args.methods}
-    for i in range(max(map(len, sweep.values()))):  # phase 1: LR sweep on the sweep seed, methods interleaved
-        for method in args.methods:
-            if i < len(sweep[method]):
-                rows.append(run_one(args, method, sweep[method][i], sweep_seed))
-    best_mult = {}
+    mults = sorted(set(args.lr_mults))
+    swept = [m for m in args.methods if m not in fixed]
+    trained = set()
+    for extension in range(args.extend_edges + 1):  # phase 1: LR sweep on the sweep seed, methods interleaved
+        sweep = {m: [fixed[m]] if m in fixed else mults for m in args.methods}
+        for i in range(max(map(len, sweep.values()))):
+            for method in args.methods:
+                if i < len(sweep[method]) and (method, sweep[method][i]) not in trained:
+                    trained.add((method, sweep[method][i]))
+                    rows.append(run_one(args, method, sweep[method][i], sweep_seed))
+        best = best_runs(rows, args.methods)
+        wider = edge_extension(mults, {m: r['lr_mult'] for m, r in best.items() if m in swept})
+        if not wider or extension == args.extend_edges:
+            break
+        mults = sorted(mults + wider)
+        print(f'a best LR lies at an edge of the sweep: widened to x{" x".join(f"{m:g}" for m in mults)}', flush=True)
+    at_edge = {m: len(mults) > 1 and r['lr_mult'] in (mults[0], mults[-1]) for m, r in best.items() if m in swept}
     for method in args.methods:
-        done = [r for r in rows if r['method'] == method and not r['failed']]
-        if not done:
+        if method not in best:
             print(f'every sweep run of {method} failed: left out of the comparison', file=sys.stderr)
-            continue
-        best = max(done, key=lambda r: r['final_top1'])
-        best['chosen'] = True
-        best_mult[method] = best['lr_mult']
+        elif at_edge.get(method):
+            print(f'{method}: its best LR (x{best[method]["lr_mult"]:g}) lies at an edge of the sweep; a wider one '
+                  f'might find a better LR (--extend-edges)', file=sys.stderr)
+    for r in best.values():
+        r['chosen'] = True
+    best_mult = {m: r['lr_mult'] for m, r in best.items()}
     if 'bp_sgd' in args.methods and 'bp_sgd' not in best_mult:
         sys.exit('every bp_sgd run failed: no target')
     for seed in other_seeds:  # phase 2: the chosen LR on the other seeds
@@ -327,6 +373,8 @@ def main():
                 rows.append(row)
     target_method = 'bp_sgd' if 'bp_sgd' in args.methods else args.methods[0]
     target, bp_time, table = summarize(rows, list(best_mult), target_method)
+    for m in table:
+        table[m]['best_at_sweep_edge'] = at_edge.get(m)  # None: a fixed multiplier, no sweep
 
     print(f'\ntarget = {target_method} final top-1 (median) {target:.2f}%, its training time {bp_time:.1f}s')
     print(f'{"method":>18} {"lr":>8} {"final":>7} {"best":>7} {"time":>6} {"to target":>9} {"reached":>7} '
@@ -352,6 +400,7 @@ def main():
     import torch
     meta = dict(date=datetime.now().isoformat(timespec='seconds'), command=' '.join(sys.argv), args=vars(args),
                 threads=torch.get_num_threads(), torch=torch.__version__, target=target, bp_sgd_time=bp_time,
+                sweep=mults,
                 methods={m: METHODS[m] for m in args.methods})
     with open(f'{args.out}.json', 'w') as f:
         json.dump(dict(meta=meta, table=table, rows=rows), f, indent=1)

@@ -1,4 +1,5 @@
 """ Seconds-long smoke runs of the bench/ scripts (the real runs and their numbers are in docs/BENCHMARKS.md) """
+import importlib.util
 import json
 import os
 import subprocess
@@ -162,7 +163,22 @@ def test_time_to_accuracy_smoke(tmp_path):
         ('bp_sgd', 2, 1.0), ('dbp_kron', 1, 1.0), ('dbp_kron', 2, 1.0)]
     assert 'budget_final_top1' not in data['table']['bp_sgd'] and 'budget_final_top1' in data['table']['dbp_kron']
     assert data['meta']['args']['fixed_lr_mults'] == ['bp_sgd=1', 'dbp_kron=1']
+    # a best LR at an edge widens the sweep: a one-point sweep is all edge, so x0.5 and x2 are added (x1 is read)
+    wide = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'time_to_accuracy.py'), '--methods', 'bp_sgd',
+                           '--lr-mults', '1', '--extend-edges', '1', '--seeds', '0', '--epochs', '1',
+                           '--train-num-samples', '128', '--val-num-samples', '128', '--runs-dir',
+                           str(tmp_path / 'runs'), '--out', str(tmp_path / 't5')], capture_output=True, text=True)
+    assert wide.returncode == 0, wide.stderr[-2000:]
+    data = json.loads((tmp_path / 't5.json').read_text())
+    assert data['meta']['sweep'] == [0.5, 1.0, 2.0] and 'widened to x0.5 x1 x2' in wide.stdout
+    assert sorted(r['lr_mult'] for r in data['rows']) == [0.5, 1.0, 2.0]
+    chosen = next(r for r in data['rows'] if r.get('chosen'))
+    assert chosen['final_top1'] == max(r['final_top1'] for r in data['rows'])
+    at_edge = chosen['lr_mult'] != 1.0  # after one widening x0.5 and x2 are the edges
+    assert data['table']['bp_sgd']['best_at_sweep_edge'] is at_edge
+    assert ('lies at an edge of the sweep' in wide.stderr) is at_edge
     for flags, message in [(['--epochs', '2', '--budgets', '2'], '--budgets must be'),
+                           (['--extend-edges', '-1'], '--extend-edges must be'),
                            (['--methods', 'bp_sgd', '--budget-methods', 'dbp_kron'], '--budget-methods must be'),
                            (['--methods', 'bp_sgd', '--fixed-lr-mults', 'dbp_kron=2'], 'METHOD=MULT'),
                            (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd'], 'METHOD=MULT'),
@@ -172,6 +188,20 @@ def test_time_to_accuracy_smoke(tmp_path):
         bad = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'time_to_accuracy.py'), *flags,
                               '--out', str(tmp_path / 'x')], capture_output=True, text=True)
         assert bad.returncode == 2 and message in bad.stderr, (flags, bad.stderr)
+
+
+def test_time_to_accuracy_widens_the_sweep_beyond_an_edge_where_a_best_lr_lies():
+    spec = importlib.util.spec_from_file_location('tta', os.path.join(ROOT, 'bench', 'time_to_accuracy.py'))
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    sweep = [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert tta.edge_extension(sweep, {'bp_sgd': 1.0, 'dbp': 4.0}) == []
+    assert tta.edge_extension(sweep, {'bp_sgd': 1.0, 'dbp': 8.0}) == [16.0]
+    assert tta.edge_extension(sweep, {'bp_sgd': 0.5, 'dbp': 2.0}) == [0.25]
+    assert tta.edge_extension(sweep, {'bp_sgd': 0.5, 'dbp': 8.0}) == [0.25, 16.0]
+    assert tta.edge_extension([1.0, 3.0, 10.0], {'a': 10.0}) == [pytest.approx(100 / 3)]  # the outer spacing
+    assert tta.edge_extension([1.0], {'a': 1.0}) == [0.5, 2.0]  # one point: both edges, x2 apart
+    assert tta.edge_extension(sweep, {}) == []
 
 
 @pytest.mark.skipif(not os.path.exists('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'),
