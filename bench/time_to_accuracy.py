@@ -315,6 +315,22 @@ def best_runs(rows, methods):
     return best
 
 
+def sweep_table(rows, methods, mults, seed):
+    """The sweep as text: per method and multiplier the sweep seed's final top-1 and training time, * = chosen."""
+    lines = [f'\nLR sweep, seed {seed}: final top-1 % (training s), * = chosen',
+             f'{"method":>18} ' + ' '.join(f'{"x" + format(m, "g"):>15}' for m in mults)]
+    for method in methods:
+        cells = []
+        for mult in mults:
+            r = next((r for r in rows if r['method'] == method and r['lr_mult'] == mult and r['seed'] == seed
+                      and not r.get('budget')), None)
+            cell = '' if r is None else 'failed' if r['failed'] else (
+                f'{"*" if r.get("chosen") else ""}{r["final_top1"]:.2f} ({r["train_time"]:.0f})')
+            cells.append(f'{cell:>15}')
+        lines.append(f'{method:>18} ' + ' '.join(cells))
+    return '\n'.join(lines)
+
+
 def main():
     args = parser.parse_args()
     if any(not 1 <= e < args.epochs for e in args.budgets):
@@ -376,6 +392,7 @@ def main():
     for m in table:
         table[m]['best_at_sweep_edge'] = at_edge.get(m)  # None: a fixed multiplier, no sweep
 
+    print(sweep_table(rows, args.methods, sorted(set(mults) | set(fixed.values())), sweep_seed))
     print(f'\ntarget = {target_method} final top-1 (median) {target:.2f}%, its training time {bp_time:.1f}s')
     print(f'{"method":>18} {"lr":>8} {"final":>7} {"best":>7} {"time":>6} {"to target":>9} {"reached":>7} '
           f'{"kWh":>8}  raw time-to-target per seed')

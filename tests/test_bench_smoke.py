@@ -177,6 +177,9 @@ def test_time_to_accuracy_smoke(tmp_path):
     at_edge = chosen['lr_mult'] != 1.0  # after one widening x0.5 and x2 are the edges
     assert data['table']['bp_sgd']['best_at_sweep_edge'] is at_edge
     assert ('lies at an edge of the sweep' in wide.stderr) is at_edge
+    sweep_lines = wide.stdout.split('LR sweep, seed 0')[1].splitlines()
+    assert sweep_lines[1].split() == ['method', 'x0.5', 'x1', 'x2']
+    assert sweep_lines[2].split()[0] == 'bp_sgd' and f'*{chosen["final_top1"]:.2f}' in sweep_lines[2]
     for flags, message in [(['--epochs', '2', '--budgets', '2'], '--budgets must be'),
                            (['--extend-edges', '-1'], '--extend-edges must be'),
                            (['--methods', 'bp_sgd', '--budget-methods', 'dbp_kron'], '--budget-methods must be'),
