@@ -348,19 +348,18 @@ def main():
     sweep_seed, other_seeds = args.seeds[0], args.seeds[1:]
     mults = sorted(set(args.lr_mults))
     swept = [m for m in args.methods if m not in fixed]
-    trained = set()
+    todo = {m: [fixed[m]] if m in fixed else mults for m in args.methods}
     for extension in range(args.extend_edges + 1):  # phase 1: LR sweep on the sweep seed, methods interleaved
-        sweep = {m: [fixed[m]] if m in fixed else mults for m in args.methods}
-        for i in range(max(map(len, sweep.values()))):
+        for i in range(max(map(len, todo.values()))):
             for method in args.methods:
-                if i < len(sweep[method]) and (method, sweep[method][i]) not in trained:
-                    trained.add((method, sweep[method][i]))
-                    rows.append(run_one(args, method, sweep[method][i], sweep_seed))
+                if i < len(todo[method]):
+                    rows.append(run_one(args, method, todo[method][i], sweep_seed))
         best = best_runs(rows, args.methods)
         wider = edge_extension(mults, {m: r['lr_mult'] for m, r in best.items() if m in swept})
         if not wider or extension == args.extend_edges:
             break
         mults = sorted(mults + wider)
+        todo = {m: wider if m in swept else [] for m in args.methods}  # only the new points, every swept method
         print(f'a best LR lies at an edge of the sweep: widened to x{" x".join(f"{m:g}" for m in mults)}', flush=True)
     at_edge = {m: len(mults) > 1 and r['lr_mult'] in (mults[0], mults[-1]) for m, r in best.items() if m in swept}
     for method in args.methods:
