@@ -71,7 +71,7 @@ __all__ = [
     'factor_product', 'factor_rows', 'factor_problem', 'identity_factor', 'merge_block_steps', 'check_block_size',
     'LOG_STAT_ROWS', 'POWER_ITERATIONS', 'BATCH_MAX_DIM', 'KRON_MIN_VECTORS', 'SMALL_PRODUCT_CONV_MIN',
     'MATMUL_DTYPES', 'MATMUL_DTYPE_NAMES', 'MATMUL_DTYPE_MIN_DIM', 'matmul_dtype_named', 'operand_dtype',
-    'rounded_product']
+    'rounded_product', 'batch_matmul', 'BALANCED_BMM_MIN_MACS']
 
 LOG_STAT_ROWS = 256  # rows of a sample (n < d) used for the logged loss / correlation (cost n^2 d)
 POWER_ITERATIONS = 4  # products G u estimating |lambda|_max(G) for the step cap
@@ -79,6 +79,7 @@ BATCH_MAX_DIM = 512  # `grouped_decorrelation_update_` batches equal-shape R's u
 MATMUL_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}  # of the products (float16 could overflow X)
 MATMUL_DTYPE_NAMES = (*MATMUL_DTYPES, 'auto')  # the values of decor_matmul_dtype (`matmul_dtype_named`)
 MATMUL_DTYPE_MIN_DIM = 128  # narrower problems multiply in float32: operation count, not flops (BENCHMARKS 32)
+BALANCED_BMM_MIN_MACS = 1 << 20  # `batch_matmul` splits CPU batches of products this large (BENCHMARKS 47)
 
 
 class DecorrelationStep(NamedTuple):
@@ -133,7 +134,7 @@ def factor_product(v: torch.Tensor, R: torch.Tensor, dtype: Optional[torch.dtype
         return v @ R if dtype is None else rounded_product(v, R, dtype)
     blocks, b = R.shape[0], R.shape[-1]
     v_blocks = v.reshape(-1, blocks, b).transpose(0, 1)  # (G, rows, b)
-    product = torch.bmm(v_blocks, R) if dtype is None else rounded_product(v_blocks, R, dtype)
+    product = batch_matmul(v_blocks, R) if dtype is None else rounded_product(v_blocks, R, dtype)
     return product.transpose(0, 1).reshape(v.shape)
 
 
@@ -335,13 +336,32 @@ def operand_dtype(d: int, matmul_dtype: torch.dtype) -> torch.dtype:
     return matmul_dtype if d >= MATMUL_DTYPE_MIN_DIM else torch.float32
 
 
+def batch_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """torch.bmm(A, B) for batches (G, p, q) and (G, q, r). A CPU bmm hands each of the G products to one thread, so
+    with T threads the last G % T products run on G % T threads while the others wait (3 products 1024 x 512 into
+    512 x 512 on 2 threads take as long as 4). Products of at least BALANCED_BMM_MIN_MACS multiply-adds are therefore
+    split on the CPU: one bmm over the first G - G % T, then one mm (on all T threads) per remaining product (without
+    autograd: a product that needs a gradient is one bmm)."""
+    G = A.shape[0]
+    split = G - G % torch.get_num_threads()
+    if (A.device.type != 'cpu' or split == G or A.shape[1] * A.shape[2] * B.shape[2] < BALANCED_BMM_MIN_MACS
+            or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad))):
+        return torch.bmm(A, B)
+    out = A.new_empty(G, A.shape[1], B.shape[2])
+    if split:
+        torch.bmm(A[:split], B[:split], out=out[:split])
+    for i in range(split, G):
+        torch.mm(A[i], B[i], out=out[i])
+    return out
+
+
 def rounded_product(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A @ B in float32 from operands rounded to dtype (float32: the plain product); two batches of matrices by
-    one bmm."""
+    `batch_matmul`."""
     rounded = not A.dtype == B.dtype == dtype == torch.float32  # (the float32 default dispatches no conversions)
     if rounded:
         A, B = A.to(dtype), B.to(dtype)
-    product = torch.bmm(A, B) if A.ndim == B.ndim == 3 else A @ B
+    product = batch_matmul(A, B) if A.ndim == B.ndim == 3 else A @ B
     return product.float() if rounded else product
 
 
