@@ -267,6 +267,7 @@ def test_matmul_dtype_smoke(tmp_path):
     data = json.loads((tmp_path / 'm.json').read_text())
     assert [(row['batch'], row['d']) for row in data['rows']] == [(2, 8), (2, 130)]
     for row in data['rows']:
-        assert set(row['median_s']) == {'update_float32', 'update_bfloat16', 'gemm_float32', 'gemm_bfloat16'}
-        assert row['update_speedup'] > 0 and min(row['gemm_gflops'].values()) > 0
+        assert set(row['median_s']) == {'update_float32', 'update_bfloat16', 'update_float32_one_bmm', 'gemm_float32',
+                                        'gemm_bfloat16', 'gemm_float32_balanced'}
+        assert row['update_speedup'] > 0 and row['balanced_speedup'] > 0 and min(row['gemm_gflops'].values()) > 0
     assert data['meta']['matmul_dtype_min_dim'] == 128 and 'GFLOP/s' in out

@@ -134,7 +134,7 @@ def factor_product(v: torch.Tensor, R: torch.Tensor, dtype: Optional[torch.dtype
         return v @ R if dtype is None else rounded_product(v, R, dtype)
     blocks, b = R.shape[0], R.shape[-1]
     v_blocks = v.reshape(-1, blocks, b).transpose(0, 1)  # (G, rows, b)
-    product = batch_matmul(v_blocks, R) if dtype is None else rounded_product(v_blocks, R, dtype)
+    product = torch.bmm(v_blocks, R) if dtype is None else rounded_product(v_blocks, R, dtype)
     return product.transpose(0, 1).reshape(v.shape)
 
 
@@ -341,7 +341,15 @@ def batch_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     with T threads the last G % T products run on G % T threads while the others wait (3 products 1024 x 512 into
     512 x 512 on 2 threads take as long as 4). Products of at least BALANCED_BMM_MIN_MACS multiply-adds are therefore
     split on the CPU: one bmm over the first G - G % T, then one mm (on all T threads) per remaining product (without
-    autograd: a product that needs a gradient is one bmm)."""
+    autograd: a product that needs a gradient is one bmm; under TorchScript always one bmm)."""
+    if torch.jit.is_scripting():
+        return torch.bmm(A, B)
+    return _thread_balanced_bmm(A, B)
+
+
+@torch.jit.unused  # (TorchScript has no get_num_threads)
+def _thread_balanced_bmm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """`batch_matmul` in eager mode."""
     G = A.shape[0]
     split = G - G % torch.get_num_threads()
     if (A.device.type != 'cpu' or split == G or A.shape[1] * A.shape[2] * B.shape[2] < BALANCED_BMM_MIN_MACS
