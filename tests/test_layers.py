@@ -276,11 +276,10 @@ def test_grouped_update_leaves_large_R_unbatched(monkeypatch):
 
 
 @pytest.mark.parametrize('threads, count', [(2, 3), (2, 4), (3, 2), (2, 5)])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_batch_matmul_balances_a_cpu_batch_over_threads(monkeypatch, threads, count, dtype):
-    """A CPU batch of large products that does not divide among the threads is one bmm over a multiple of them plus
-    one mm per remaining product; every product is that of torch.bmm. Small products, products that need a gradient
-    and batches that divide evenly stay one bmm."""
+def test_batch_matmul_balances_a_cpu_batch_over_threads(monkeypatch, threads, count):
+    """A CPU batch of large float32 products that does not divide among the threads is one bmm over a multiple of them
+    plus one mm per remaining product; every product is that of torch.bmm. Small products, products that need a
+    gradient, bfloat16 products and batches that divide evenly stay one bmm."""
     from timm_dbp.layers import decorrelation
     torch.manual_seed(0)
     calls = []
@@ -289,7 +288,7 @@ def test_batch_matmul_balances_a_cpu_batch_over_threads(monkeypatch, threads, co
         monkeypatch.setattr(torch, op, lambda a, b, *args, _op=op, _f=original, **kw: calls.append(
             (_op, a.shape[0] if _op == 'bmm' else 1)) or _f(a, b, *args, **kw))
     monkeypatch.setattr(torch, 'get_num_threads', lambda: threads)
-    A, B = torch.randn(count, 96, 128, dtype=dtype), torch.randn(count, 128, 96, dtype=dtype)
+    A, B = torch.randn(count, 96, 128), torch.randn(count, 128, 96)
     monkeypatch.setattr(decorrelation, 'BALANCED_BMM_MIN_MACS', 96 * 128 * 96)
     product = decorrelation.batch_matmul(A, B.mT.contiguous().mT)  # any strides
     rest = count % threads
@@ -297,9 +296,10 @@ def test_batch_matmul_balances_a_cpu_batch_over_threads(monkeypatch, threads, co
     torch.testing.assert_close(product, torch.bmm(A, B))
     calls.clear()
     decorrelation.batch_matmul(A, B.clone().requires_grad_())  # a product that needs a gradient
+    decorrelation.batch_matmul(A.bfloat16(), B.bfloat16())
     monkeypatch.setattr(decorrelation, 'BALANCED_BMM_MIN_MACS', 96 * 128 * 96 + 1)
     decorrelation.batch_matmul(A, B)  # small products
-    assert calls == [('bmm', count)] * 2
+    assert calls == [('bmm', count)] * 3
 
 
 def test_variance_term_scales_rows_not_columns():

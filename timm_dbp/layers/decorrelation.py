@@ -79,7 +79,7 @@ BATCH_MAX_DIM = 512  # `grouped_decorrelation_update_` batches equal-shape R's u
 MATMUL_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}  # of the products (float16 could overflow X)
 MATMUL_DTYPE_NAMES = (*MATMUL_DTYPES, 'auto')  # the values of decor_matmul_dtype (`matmul_dtype_named`)
 MATMUL_DTYPE_MIN_DIM = 128  # narrower problems multiply in float32: operation count, not flops (BENCHMARKS 32)
-BALANCED_BMM_MIN_MACS = 1 << 20  # `batch_matmul` splits CPU batches of products this large (BENCHMARKS 47)
+BALANCED_BMM_MIN_MACS = 1 << 20  # `batch_matmul` splits CPU batches of float32 products this large (BENCHMARKS 47)
 
 
 class DecorrelationStep(NamedTuple):
@@ -339,9 +339,10 @@ def operand_dtype(d: int, matmul_dtype: torch.dtype) -> torch.dtype:
 def batch_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """torch.bmm(A, B) for batches (G, p, q) and (G, q, r). A CPU bmm hands each of the G products to one thread, so
     with T threads the last G % T products run on G % T threads while the others wait (3 products 1024 x 512 into
-    512 x 512 on 2 threads take as long as 4). Products of at least BALANCED_BMM_MIN_MACS multiply-adds are therefore
-    split on the CPU: one bmm over the first G - G % T, then one mm (on all T threads) per remaining product (without
-    autograd: a product that needs a gradient is one bmm; under TorchScript always one bmm)."""
+    512 x 512 on 2 threads take as long as 4). float32 products of at least BALANCED_BMM_MIN_MACS multiply-adds are
+    therefore split on the CPU: one bmm over the first G - G % T, then one mm (on all T threads) per remaining product.
+    One bmm otherwise: other dtypes (bfloat16 products may take other kernels; not measured), products that need a
+    gradient, and under TorchScript."""
     if torch.jit.is_scripting():
         return torch.bmm(A, B)
     return _thread_balanced_bmm(A, B)
@@ -352,7 +353,8 @@ def _thread_balanced_bmm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """`batch_matmul` in eager mode."""
     G = A.shape[0]
     split = G - G % torch.get_num_threads()
-    if (A.device.type != 'cpu' or split == G or A.shape[1] * A.shape[2] * B.shape[2] < BALANCED_BMM_MIN_MACS
+    if (A.device.type != 'cpu' or A.dtype != torch.float32 or split == G
+            or A.shape[1] * A.shape[2] * B.shape[2] < BALANCED_BMM_MIN_MACS
             or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad))):
         return torch.bmm(A, B)
     out = A.new_empty(G, A.shape[1], B.shape[2])
