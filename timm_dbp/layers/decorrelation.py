@@ -421,7 +421,7 @@ def _flat_update_(R: torch.Tensor, inputs: torch.Tensor, *, lr: float, kappa: Un
     assert inputs.shape[:-2] == R.shape[:-2] and inputs.shape[-1] == R.shape[-1], \
         f'inputs must be (..., n, {R.shape[-1]}) with R\'s batch shape {tuple(R.shape[:-2])}, got {tuple(inputs.shape)}'
     n, d = inputs.shape[-2:]
-    Rf = R.float().reshape(-1, d, d)  # one batch dimension: every product is one bmm
+    Rf = R.float().reshape(-1, d, d)  # one batch dimension: every product is one batched product (`batch_matmul`)
     z = inputs.float().reshape(-1, n, d)
     dtype = operand_dtype(d, matmul_dtype)
     times = functools.partial(rounded_product, dtype=dtype)
@@ -443,7 +443,7 @@ def _flat_update_(R: torch.Tensor, inputs: torch.Tensor, *, lr: float, kappa: Un
     k = kappa[:, None]
     # G = (1 - kappa) (X - D) + kappa (D - I) with D = diag(X), i.e. (1 - kappa) X + diag(row_scale)
     row_scale = (2 * k - 1) * diag - k
-    if n >= d:  # G itself (d^2 numbers): then every product G M is one bmm
+    if n >= d:  # G itself (d^2 numbers): then every product G M is one batched product
         G = X * (1 - k[:, None])
         G.diagonal(dim1=-2, dim2=-1).add_(row_scale)
         G = G.to(dtype)  # rounded once, not per product
