@@ -12,7 +12,7 @@ CPU batch over the threads (`update_float32`, `gemm_float32_balanced`): odd batc
 Writes JSON.
 
     python bench/matmul_dtype.py --out docs/bench_matmul_dtype_s32/update
-    python bench/matmul_dtype.py --dims 128 256 512 --batches 1 2 3 4 5 --repeats 11 --out docs/bench_s47/update  # split
+    python bench/matmul_dtype.py --dims 128 256 512 --batches 1 2 3 4 5 --repeats 11 --out docs/bench_s47/update
 """
 import argparse
 import json
