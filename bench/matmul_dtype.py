@@ -73,9 +73,10 @@ def main():
                 r = rows[-1]
                 print(f'batch {batch} d {d:5d}: update float32 {median["update_float32"] * 1e3:8.3f} ms, bfloat16 '
                       f'{median["update_bfloat16"] * 1e3:8.3f} ms ({r["update_speedup"]:.2f}x); float32 with one bmm '
-                      f'{median["update_float32_one_bmm"] * 1e3:8.3f} ms (balanced {r["balanced_speedup"]:.2f}x); z^T z '
-                      f'{r["gemm_gflops"]["float32"]:6.0f} / {r["gemm_gflops"]["bfloat16"]:6.0f} GFLOP/s, balanced '
-                      f'{median["gemm_float32_balanced"] * 1e3:.3f} ms vs {median["gemm_float32"] * 1e3:.3f}', flush=True)
+                      f'{median["update_float32_one_bmm"] * 1e3:8.3f} ms (balanced {r["balanced_speedup"]:.2f}x); '
+                      f'z^T z {r["gemm_gflops"]["float32"]:6.0f} / {r["gemm_gflops"]["bfloat16"]:6.0f} GFLOP/s, '
+                      f'balanced {median["gemm_float32_balanced"] * 1e3:.3f} ms vs {median["gemm_float32"] * 1e3:.3f}',
+                      flush=True)
     finally:
         decorrelation.MATMUL_DTYPE_MIN_DIM = min_dim
     if args.out:
