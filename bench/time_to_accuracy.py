@@ -103,6 +103,12 @@ METHODS = {
     # channels, those whose R_c acts on the input at 64 px, where folding R_s into the kernel is most of the fusion)
     'dbp_kron_dlr3e-3_bf16_k1152': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
                                                             'dbp_kron_max_dim=1152', *BF16_DBP_FLAGS]),
+    # both layer options at once, products in the library's 'auto' dtype (float32 on a CPU without bfloat16 units):
+    # on resnet18 at 64 px, kron R up to layer3.0.conv1, channel R's in layer3 / layer4.0.conv1, layer4's three
+    # 512 x 512 x 3 x 3 convs plain (BENCHMARKS 48)
+    'dbp_kron_dlr3e-3_d2304_k1152': ('dbp_', 'dbpsgd', 0.05, ['--model-kwargs', 'dbp_structure=kron',
+                                                             'dbp_max_dim=2304', 'dbp_kron_max_dim=1152',
+                                                             '--decor-lr', '3e-3']),
     # R learned from the first 20 training batches before epoch 0 (train.py --decor-warmup, forward only, counted
     # in the time): in a short schedule decor_lr 3e-3 leaves R far from decorrelating (RMS correlation 0.13 after 3
     # epochs at 64 px), so W trains on hardly decorrelated inputs at first
