@@ -120,13 +120,13 @@ def test_options_and_unknown_kwargs():
 def test_dbp_kron_max_dim_from_model_kwargs():
     parser = argparse.ArgumentParser()
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    kwargs = parser.parse_args(['--model-kwargs', 'dbp_kron_max_dim=1152']).model_kwargs
+    kwargs = parser.parse_args(['--model-kwargs', 'dbp_kron_max_dim=2304', 'dbp_max_dim=0']).model_kwargs
     model = timm.create_model('dbp_resnet18', device='meta', **kwargs)
     structure = {n: m.decor_structure for n, m in decor_layers(model)}
-    assert structure['layer3.0.conv1'] == 'kron'  # d = 128 * 9
-    assert structure['layer3.0.conv2'] == structure['layer4.1.conv2'] == 'channel'  # d = 256 * 9, 512 * 9
+    assert structure['layer3.0.conv2'] == structure['layer4.0.conv1'] == 'kron'  # d = 256 * 9
+    assert structure['layer4.0.conv2'] == structure['layer4.1.conv2'] == 'channel'  # d = 512 * 9
     assert structure['layer4.0.downsample.0'] == 'full'  # a 1x1 conv: R_c is its full R
-    assert model.dbp_args['kron_max_dim'] == 1152
+    assert model.dbp_args['kron_max_dim'] == 2304 and model.dbp_args['max_dim'] is None
     model.reset_classifier(3)
     assert model.fc.decor_structure == 'full'
     with pytest.raises(ValueError, match='kron_max_dim'):
@@ -178,11 +178,34 @@ def test_wide_twins_default_to_blocks_of_256_and_0_gives_dense_r(name, blocks):
 
 
 @pytest.mark.parametrize('name', ['dbp_resnet50', 'dbp_convnext_tiny', 'dbp_resnet18'])
-def test_block_size_none_means_the_default_through_timm_and_the_entrypoint(name):
-    via_timm = timm.create_model(name, device='meta', dbp_block_size=None)  # timm drops None kwargs
-    direct = model_entrypoint(name)(device='meta', dbp_block_size=None)
+@pytest.mark.parametrize('kwarg', ['dbp_block_size', 'dbp_max_dim', 'dbp_kron_max_dim'])
+def test_size_kwarg_none_means_the_default_through_timm_and_the_entrypoint(name, kwarg):
+    via_timm = timm.create_model(name, device='meta', **{kwarg: None})  # timm drops None kwargs
+    direct = model_entrypoint(name)(device='meta', **{kwarg: None})
     default = timm.create_model(name, device='meta')
     assert via_timm.dbp_args == direct.dbp_args == default.dbp_args
+
+
+@pytest.mark.parametrize('name', ['dbp_resnet18', 'dbp_resnet34', 'dbp_resnet18d', 'dbp_resnet34d'])
+def test_basic_resnet_twins_keep_layer4_3x3_convs_plain_and_0_gives_every_layer_kron(name):
+    model = timm.create_model(name, device='meta')
+    assert model.dbp_args['max_dim'] == 2304 and model.dbp_args['kron_max_dim'] == 1152
+    structure = {n: m.decor_structure for n, m in decor_layers(model)}
+    last = len(model.layer4) - 1
+    assert type(model.layer4[0].conv2) is torch.nn.Conv2d and type(model.layer4[last].conv2) is torch.nn.Conv2d
+    assert structure['layer3.0.conv1'] == 'kron'  # d = 128 * 9
+    assert structure['layer3.0.conv2'] == structure['layer4.0.conv1'] == 'channel'  # d = 256 * 9
+    assert structure['layer4.0.downsample.0'] == structure['fc'] == 'full'
+    every = timm.create_model(name, device='meta', dbp_max_dim=0, dbp_kron_max_dim=0)
+    assert every.dbp_args['max_dim'] is None and every.dbp_args['kron_max_dim'] is None
+    convs = [m for m in every.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(isinstance(m, DecorConv2d) for m in convs)
+    assert {m.decor_structure for m in convs if m.kernel_size != (1, 1)} == {'kron'}
+    # another structure keeps the layer rule, without the kron-only one
+    full = timm.create_model(name, device='meta', dbp_structure='full')
+    assert full.dbp_args['max_dim'] == 2304 and full.dbp_args['kron_max_dim'] is None
+    assert type(full.layer4[0].conv2) is torch.nn.Conv2d
+    assert full.layer3[0].conv2.decor_structure == 'full'
 
 
 def test_features_only_and_forward_head():

@@ -332,9 +332,11 @@ def test_resnet18_state_bytes_by_structure():
     def state_mib(**kwargs):
         model = timm.create_model('dbp_resnet18', device='meta', **kwargs)
         return sum(layer.decor_state_bytes for _, layer in decor_layers(model)) / 2 ** 20
-    assert 340 < state_mib(dbp_structure='full') < 360  # full patch R: about 352 MiB
+    assert 340 < state_mib(dbp_structure='full', dbp_max_dim=0) < 360  # full patch R on every layer: about 352 MiB
+    assert 100 < state_mib(dbp_structure='full') < 120  # the default keeps layer4's 512 x 512 x 3 x 3 convs plain
     assert state_mib(dbp_structure='channel') < 35
-    assert state_mib(dbp_structure='kron') < 35
+    assert state_mib(dbp_structure='kron') < 3  # 2.7 MiB by default, 5.7 MiB on every layer
+    assert 5 < state_mib(dbp_structure='kron', dbp_max_dim=0, dbp_kron_max_dim=0) < 6
 
 
 def test_fused_weight_factor_order():

@@ -1,6 +1,7 @@
 from ._pretrained import PretrainedWeightsError, r_shape_hint
 from ._twin import (
-    DBP_MODEL_KWARGS, WIDE_TWIN_ARGS, DBPModel, build_dbp_twin, dbp_checkpoint_filter, dbp_model_kwargs, pop_dbp_args)
+    BASIC_RESNET_TWIN_ARGS, DBP_MODEL_KWARGS, SIZE_LIMIT_ARGS, UNLIMITED, WIDE_TWIN_ARGS, DBPModel, build_dbp_twin,
+    dbp_checkpoint_filter, dbp_model_kwargs, pop_dbp_args)
 from .dbp_convnext import *
 from .dbp_efficientnet import *
 from .dbp_mobilenetv3 import *

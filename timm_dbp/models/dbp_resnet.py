@@ -15,7 +15,9 @@ Papers:
 
 The bottleneck ResNets (ResNet-50 and larger, ResNet-D, ResNeXt, Wide ResNet, SE-ResNet), whose 1x1 convs see up to
 2048 channels, hold R's over more than 256 channels as blocks of at most 256 by default (`WIDE_TWIN_ARGS`;
-`dbp_block_size=0` gives dense R's); ResNet-18 / 34 keep dense R's.
+`dbp_block_size=0` gives dense R's). ResNet-18 / 34 keep dense R's, and by default (`BASIC_RESNET_TWIN_ARGS`, measured
+on resnet18) keep layer4's 512 x 512 x 3 x 3 convs plain and give the 3x3 convs fed 256 channels a channel R instead
+of a kron one (`dbp_max_dim=0 dbp_kron_max_dim=0`: every layer, kron R throughout).
 
 Pretrained tags are timm's published BP weights for the twin (e.g. `dbp_resnet18.a1_in1k` loads
 `timm/resnet18.a1_in1k`) with R = I: a DBP fine-tuning start, identical outputs to the BP model.
@@ -23,7 +25,7 @@ Pretrained tags are timm's published BP weights for the twin (e.g. `dbp_resnet18
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 
-from ._twin import build_dbp_twin, twin_cfg, twin_class, wide_twin_kwargs
+from ._twin import BASIC_RESNET_TWIN_ARGS, build_dbp_twin, twin_cfg, twin_class, twin_kwargs, wide_twin_kwargs
 
 __all__ = ['DBPResNet']  # model_registry will add each entrypoint fn to this
 
@@ -58,13 +60,13 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def dbp_resnet18(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNet-18."""
-    return build_dbp_twin('dbp_resnet18', pretrained, **kwargs)
+    return build_dbp_twin('dbp_resnet18', pretrained, **twin_kwargs(BASIC_RESNET_TWIN_ARGS, kwargs))
 
 
 @register_model
 def dbp_resnet34(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNet-34."""
-    return build_dbp_twin('dbp_resnet34', pretrained, **kwargs)
+    return build_dbp_twin('dbp_resnet34', pretrained, **twin_kwargs(BASIC_RESNET_TWIN_ARGS, kwargs))
 
 
 @register_model
@@ -88,13 +90,13 @@ def dbp_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
 @register_model
 def dbp_resnet18d(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNet-18-D (deep stem, average-pool downsample)."""
-    return build_dbp_twin('dbp_resnet18d', pretrained, **kwargs)
+    return build_dbp_twin('dbp_resnet18d', pretrained, **twin_kwargs(BASIC_RESNET_TWIN_ARGS, kwargs))
 
 
 @register_model
 def dbp_resnet34d(pretrained: bool = False, **kwargs) -> ResNet:
     """DBP ResNet-34-D (deep stem, average-pool downsample)."""
-    return build_dbp_twin('dbp_resnet34d', pretrained, **kwargs)
+    return build_dbp_twin('dbp_resnet34d', pretrained, **twin_kwargs(BASIC_RESNET_TWIN_ARGS, kwargs))
 
 
 @register_model
