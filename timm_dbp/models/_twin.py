@@ -20,8 +20,8 @@ from timm_dbp.layers import DEFAULT_STRUCTURE, decorrelate, exclude_patterns, fi
 from ._pretrained import build_dbp_model, check_pretrained_fits, fold_adapted_input_convs
 
 __all__ = ['DBPModel', 'DBP_MODEL_KWARGS', 'SIZE_LIMIT_ARGS', 'UNLIMITED', 'WIDE_TWIN_ARGS', 'BASIC_RESNET_TWIN_ARGS',
-           'twin_kwargs', 'wide_twin_kwargs', 'pop_dbp_args', 'dbp_model_kwargs', 'twin_class', 'twin_cfg', 'dbp_checkpoint_filter',
-           'build_dbp_twin']
+           'twin_kwargs', 'wide_twin_kwargs', 'pop_dbp_args', 'dbp_model_kwargs', 'twin_class', 'twin_cfg',
+           'dbp_checkpoint_filter', 'build_dbp_twin']
 
 StateDict = Dict[str, torch.Tensor]
 
