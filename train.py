@@ -65,7 +65,7 @@ from timm.utils import unwrap_model
 
 import timm_dbp
 from timm_dbp.analytic import analytic_classifier
-from timm_dbp.models import r_shape_hint
+from timm_dbp.models import r_mismatch_hint
 from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
 from timm_dbp.layers import MATMUL_DTYPE_NAMES
 from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
@@ -553,9 +553,7 @@ def _load_model_state(model: nn.Module, state_dict: dict, source: str) -> None:
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
-        target = model.state_dict()
-        hint = next((r_shape_hint(state_dict, k, model) for k, v in state_dict.items()
-                     if k in target and v.shape != target[k].shape), '')
+        hint = r_mismatch_hint(state_dict, model)
         lines = str(e).splitlines()
         first = lines[1].strip() if len(lines) > 1 else e
         raise UserError(f'{source} does not fit model: {first}{hint}')

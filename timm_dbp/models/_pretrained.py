@@ -18,7 +18,7 @@ from timm_dbp.layers import factor_size, fused_weight
 
 __all__ = [
     'PretrainedWeightsError', 'pretrained_source', 'fold_adapted_input_convs', 'check_pretrained_fits',
-    'raised_while_loading_pretrained', 'build_dbp_model']
+    'raised_while_loading_pretrained', 'build_dbp_model', 'r_shape_hint', 'r_mismatch_hint']
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -62,16 +62,41 @@ def _r_structure(state_dict: Mapping[str, torch.Tensor], prefix: str) -> str:
     return structure if R.dim() == 2 else f'{structure}, block-diagonal ({R.shape[0]} blocks of {R.shape[-1]})'
 
 
+_R_BUFFERS = ('.decor_matrix', '.decor_spatial')
+
+
+def _size_options(model: nn.Module, names: Sequence[str]) -> str:
+    """The model's dbp_ options `names` as model kwargs (None as 0: no limit)."""
+    dbp_args = getattr(model, 'dbp_args', {})
+    return ', '.join(f'dbp_{name}={dbp_args.get(name) or 0!r}' for name in names)
+
+
 def r_shape_hint(state_dict: Mapping[str, torch.Tensor], key: str, model: nn.Module) -> str:
     """For a `key` whose shape differs between `state_dict` and `model`: when it is an R buffer, a hint naming the
-    R the weights hold and the dbp_structure / dbp_block_size the model was built with; '' for any other key."""
-    if not key.endswith(('.decor_matrix', '.decor_spatial')):
+    R the weights hold and the dbp_structure / dbp_kron_max_dim / dbp_block_size the model was built with; '' for any
+    other key."""
+    if not key.endswith(_R_BUFFERS):
         return ''
-    dbp_args = getattr(model, 'dbp_args', {})
-    structure, block_size = dbp_args.get('structure'), dbp_args.get('block_size')
+    structure = getattr(model, 'dbp_args', {}).get('structure')
     return (f' (the weights have a {_r_structure(state_dict, key.rsplit(".", 1)[0] + ".")} R, the model '
-            f'dbp_structure={structure!r}, dbp_block_size={block_size or 0!r}: build it with the dbp_structure and '
-            f'dbp_block_size the weights were trained with; dbp_block_size=0 for dense R\'s)')
+            f'dbp_structure={structure!r}, {_size_options(model, ("kron_max_dim", "block_size"))}: build it with the '
+            f'dbp_ options the weights were trained with, 0 for no limit; dbp_block_size=0 for dense R\'s)')
+
+
+def r_mismatch_hint(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+    """Why DBP weights do not load into `model`, when R is the reason: the first R buffer of another shape
+    (`r_shape_hint`), or R buffers of layers the model keeps plain (dbp_max_dim / dbp_exclude); '' otherwise."""
+    target = model.state_dict()
+    for key, value in state_dict.items():
+        if key in target and value.shape != target[key].shape:
+            return r_shape_hint(state_dict, key, model)
+    plain = sorted({k.rsplit('.', 1)[0] for k in state_dict if k.endswith(_R_BUFFERS) and k not in target})
+    if not plain:
+        return ''
+    exclude = list(getattr(model, 'dbp_args', {}).get('exclude', ()))
+    return (f' (the weights have R in {len(plain)} layer(s) the model keeps plain, e.g. {plain[0]}; the model '
+            f'{_size_options(model, ("max_dim",))}, dbp_exclude={exclude!r}: build it with the dbp_ options the '
+            f'weights were trained with; dbp_max_dim=0 keeps no layer plain by size)')
 
 
 def _names(value) -> Sequence[str]:
@@ -118,7 +143,8 @@ def check_pretrained_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
     if unexpected or missing:
         parts = [f'{label} key(s) {", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""} ({len(keys)})'
                  for label, keys in (('unexpected', unexpected), ('missing', missing)) if keys]
-        raise PretrainedWeightsError(f'{where}: {"; ".join(parts)} (weights of another architecture?)')
+        hint = r_mismatch_hint(state_dict, model) or ' (weights of another architecture?)'
+        raise PretrainedWeightsError(f'{where}: {"; ".join(parts)}{hint}')
 
 
 
