@@ -621,7 +621,7 @@ def main(argv=None):
             pretrained_cfg_overlay=pretrained_cfg_overlay, **model_kwargs)
     except TypeError as e:
         raise UserError(f'model {args.model!r} does not accept these arguments: {e}') from None
-    except ValueError as e:  # a bad value among them (e.g. --model-kwargs dbp_structure=..., dbp_kron_max_dim=0)
+    except ValueError as e:  # a bad value among them (e.g. --model-kwargs dbp_structure=..., dbp_kron_max_dim=-1)
         raise UserError(f'model {args.model!r}: bad argument value: {e}') from None
     if args.num_classes is None:
         assert hasattr(model, 'num_classes'), 'Model must have `num_classes` attr if not set on cmd line/config.'

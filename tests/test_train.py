@@ -144,7 +144,7 @@ def test_decor_epochs_bad_input(tiny_fmnist, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('kwarg, expected', [('dbp_structure=bogus', 'structure must be one of'),
-                                             ('dbp_kron_max_dim=0', 'kron_max_dim'),
+                                             ('dbp_kron_max_dim=-1', 'kron_max_dim'),
                                              ('dbp_block_size=-1', 'block_size must be an int >= 1')])
 def test_bad_model_kwarg_value_is_one_line(tiny_fmnist, tmp_path, capsys, kwarg, expected):
     message = _error_of(capsys, _args(tiny_fmnist, str(tmp_path), 'x', '--model-kwargs', kwarg))
