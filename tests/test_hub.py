@@ -89,8 +89,9 @@ def _summary_row(run_dir, epoch):
 
 
 X = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-# the dbp_* kwargs config.json pins: every one, defaults included (the run sets dbp_structure=kron)
-DBP_ARGS = dict(dbp_exclude=[], dbp_max_dim=None, dbp_linear=True, dbp_structure='kron', dbp_kron_max_dim=None,
+# the dbp_* kwargs config.json pins: every one, defaults included, no limit as 0 (timm drops None; the run sets
+# dbp_structure=kron)
+DBP_ARGS = dict(dbp_exclude=[], dbp_max_dim=0, dbp_linear=True, dbp_structure='kron', dbp_kron_max_dim=0,
                 dbp_block_size=0)
 
 

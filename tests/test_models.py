@@ -32,7 +32,9 @@ def test_names_are_new_and_in_our_module():
 def test_every_conv_and_linear_is_dbp_and_cfg_is_complete(name):
     model = timm.create_model(name, num_classes=7, device='meta')
     convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    assert convs and all(isinstance(m, (DecorConv2d, DecorLinear)) for m in convs)
+    plain = [m for m in convs if not isinstance(m, (DecorConv2d, DecorLinear))]
+    max_dim = model.dbp_args['max_dim']  # only layers with an input dimension d = weight[0].numel() above it plain
+    assert len(plain) < len(convs) and all(max_dim is not None and m.weight[0].numel() > max_dim for m in plain)
     cfg = model.pretrained_cfg
     for key in ('first_conv', 'classifier'):
         assert f'{cfg[key]}.weight' in model.state_dict()
@@ -193,9 +195,11 @@ def test_basic_resnet_twins_keep_layer4_3x3_convs_plain_and_0_gives_every_layer_
     structure = {n: m.decor_structure for n, m in decor_layers(model)}
     last = len(model.layer4) - 1
     assert type(model.layer4[0].conv2) is torch.nn.Conv2d and type(model.layer4[last].conv2) is torch.nn.Conv2d
+    assert not any(n.startswith('layer4') and n.endswith('conv2') for n in structure)  # d = 512 * 9 > 2304
     assert structure['layer3.0.conv1'] == 'kron'  # d = 128 * 9
     assert structure['layer3.0.conv2'] == structure['layer4.0.conv1'] == 'channel'  # d = 256 * 9
-    assert structure['layer4.0.downsample.0'] == structure['fc'] == 'full'
+    assert {structure[n] for n in structure if 'downsample' in n} == {'full'}  # 1x1 convs
+    assert structure['fc'] == 'full'
     every = timm.create_model(name, device='meta', dbp_max_dim=0, dbp_kron_max_dim=0)
     assert every.dbp_args['max_dim'] is None and every.dbp_args['kron_max_dim'] is None
     convs = [m for m in every.modules() if isinstance(m, torch.nn.Conv2d)]
