@@ -247,13 +247,13 @@ def test_weights_with_r_on_every_layer_name_the_options_that_load_them(tmp_path)
     torch.save(trained.state_dict(), path)
     overlay = dict(file=str(path), num_classes=3)
     with pytest.raises(timm_dbp.models.PretrainedWeightsError,
-                       match=r'layer3\.0\.conv2\.decor_spatial .*kron R, .*dbp_kron_max_dim=1152'):
-        timm.create_model('dbp_resnet18', pretrained=True, num_classes=3, pretrained_cfg_overlay=overlay)
-    # only the layers kept plain differ: the error says so and names dbp_max_dim
-    with pytest.raises(timm_dbp.models.PretrainedWeightsError,
                        match=r'R in 3 layer\(s\) the model keeps plain, e\.g\. layer4\.0\.conv2; .*dbp_max_dim=2304'):
+        timm.create_model('dbp_resnet18', pretrained=True, num_classes=3, pretrained_cfg_overlay=overlay)
+    # no layer plain: the kron R's of layer3's convs against the model's channel R's, named by dbp_kron_max_dim
+    with pytest.raises(timm_dbp.models.PretrainedWeightsError,
+                       match=r'layer3\.0\.conv2\.decor_spatial.*a kron R, .*dbp_kron_max_dim=1152'):
         timm.create_model('dbp_resnet18', pretrained=True, num_classes=3, pretrained_cfg_overlay=overlay,
-                          dbp_kron_max_dim=0)
+                          dbp_max_dim=0)
     loaded = timm.create_model('dbp_resnet18', pretrained=True, num_classes=3, pretrained_cfg_overlay=overlay, **every)
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), trained.eval()(x))

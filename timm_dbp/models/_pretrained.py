@@ -85,14 +85,16 @@ def r_shape_hint(state_dict: Mapping[str, torch.Tensor], key: str, model: nn.Mod
 
 def r_mismatch_hint(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> str:
     """Why DBP weights do not load into `model`, when R is the reason: the first R buffer of another shape
-    (`r_shape_hint`), or R buffers of layers the model keeps plain (dbp_max_dim / dbp_exclude); '' otherwise."""
+    (`r_shape_hint`), R buffers of layers the model keeps plain (dbp_max_dim / dbp_exclude), or a kron R's spatial
+    factor where the model has a channel R (dbp_kron_max_dim); '' otherwise."""
     target = model.state_dict()
     for key, value in state_dict.items():
         if key in target and value.shape != target[key].shape:
             return r_shape_hint(state_dict, key, model)
-    plain = sorted({k.rsplit('.', 1)[0] for k in state_dict if k.endswith(_R_BUFFERS) and k not in target})
+    extra = [k.rsplit('.', 1)[0] for k in state_dict if k.endswith(_R_BUFFERS) and k not in target]
+    plain = sorted({name for name in extra if f'{name}.decor_matrix' not in target})
     if not plain:
-        return ''
+        return r_shape_hint(state_dict, f'{extra[0]}.decor_spatial', model) if extra else ''
     exclude = list(getattr(model, 'dbp_args', {}).get('exclude', ()))
     return (f' (the weights have R in {len(plain)} layer(s) the model keeps plain, e.g. {plain[0]}; the model '
             f'{_size_options(model, ("max_dim",))}, dbp_exclude={exclude!r}: build it with the dbp_ options the '
