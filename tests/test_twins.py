@@ -70,8 +70,11 @@ def test_twin_loads_timm_weights_with_identity_R_and_folds_exactly(name, tmp_pat
     layers = dict(decor_layers(twin))
     assert layers and all(torch.equal(R, torch.eye(R.shape[-1]).expand_as(R)) for layer in layers.values() for R in
                           (layer.decor_matrix, layer.decor_spatial) if R.numel())  # (also block by block)
-    # every Conv2d / Linear is a DBP layer: the rule is "exact nn.Conv2d / nn.Linear / timm Linear"
-    assert not [n for n, m in twin.named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
+    # every Conv2d / Linear is a DBP layer (the rule is "exact nn.Conv2d / nn.Linear / timm Linear") but those with an
+    # input dimension d = weight[0].numel() above the twin's dbp_max_dim (the basic-block ResNets' layer4 3x3 convs)
+    max_dim = twin.dbp_args['max_dim']
+    assert not [n for n, m in twin.named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)
+                and (max_dim is None or m.weight[0].numel() <= max_dim)]
 
     # a learnt R (both factors) folds into W: the folded weights load into timm's model and compute the same
     with torch.no_grad():
