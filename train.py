@@ -12,7 +12,8 @@ One process or many: `torchrun --nproc_per_node=N train.py ...` (CPU: gloo, CUDA
 applies the same R update (the DBP samples are all-gathered) and R is excluded from DDP's buffer broadcast.
 
 Checkpoints (`last.pth.tar`, best `model_best.pth.tar`, `--checkpoint-hist` top ones) are written atomically and
-hold everything for an exact resume; `--resume auto` continues the experiment's last checkpoint in place.
+hold everything for an exact resume, the dbp_ model kwargs the model was built with included (a resume builds the
+same R's under any later default); `--resume auto` continues the experiment's last checkpoint in place.
 `summary.csv` has timm's columns plus the DBP ones and the cumulative training wall-clock (`train_time`).
 With codecarbon installed (`pip install timm-dbp[energy]`) it also has the cumulative energy and emissions of the
 training epochs (`train_energy_kwh`, `train_co2_kg`; `--energy-country`, `--no-energy`).
@@ -65,7 +66,7 @@ from timm.utils import unwrap_model
 
 import timm_dbp
 from timm_dbp.analytic import analytic_classifier
-from timm_dbp.models import r_mismatch_hint
+from timm_dbp.models import dbp_model_kwargs, pop_dbp_args, r_mismatch_hint
 from timm_dbp.data import FASHION_MNIST_DIR, FashionMNIST
 from timm_dbp.layers import MATMUL_DTYPE_NAMES
 from timm_dbp.optim import NoDecorLayersWarning, dbp_optimizer_of
@@ -543,6 +544,35 @@ def _classifier_shape(state_dict: dict, model: nn.Module):
     return None if weight is None else tuple(weight.shape)
 
 
+def pinned_model_kwargs(checkpoint: dict, model_name: str, model_kwargs: dict, source: str) -> dict:
+    """`model_kwargs` over the dbp_ model kwargs a train.py checkpoint pinned (`dbp_model_kwargs`: every one, defaults
+    included), so its model is built again with the R's it was trained with whatever the model's defaults are now.
+    A pinned kwarg given with another value is an error; a checkpoint of another model or without pins adds nothing."""
+    pinned = checkpoint.get('dbp_model_kwargs')
+    if not pinned or checkpoint.get('arch') != model_name:
+        return model_kwargs
+    given = {k: v for k, v in model_kwargs.items() if k in pinned}
+    try:
+        asked = dbp_model_kwargs(pop_dbp_args({**pinned, **given}))  # the form pinned, e.g. dbp_max_dim=None as 0
+    except (TypeError, ValueError) as e:
+        raise UserError(f'model {model_name!r}: bad argument value: {e}') from None
+    differing = [f'{k}={given[k]!r} (it has {pinned[k]!r})' for k in given if asked[k] != pinned[k]]
+    if differing:
+        raise UserError(f'{source} holds a model built with other dbp_ model kwargs: {", ".join(differing)}; drop '
+                        f'them (the checkpoint\'s are used), or start from its folded weights (R = I, any options)')
+    return {**model_kwargs, **pinned}  # the pinned form: None (timm drops it) stays the value it names
+
+
+def checkpoint_model_kwargs(path: str, model_name: str, model_kwargs: dict) -> dict:
+    """`pinned_model_kwargs` of the checkpoint file `path`; any file but a train.py checkpoint (a bare state dict, an
+    unreadable file: `load_weights` says why) adds nothing."""
+    try:
+        checkpoint = load_checkpoint_file(path)
+    except CheckpointError:
+        return model_kwargs
+    return pinned_model_kwargs(checkpoint, model_name, model_kwargs, path)
+
+
 def _load_model_state(model: nn.Module, state_dict: dict, source: str) -> None:
     """Load a full model state; a classifier of another size or other keys are clear errors."""
     ckpt_shape = _classifier_shape(state_dict, model)
@@ -614,6 +644,10 @@ def main(argv=None):
                         ('global_pool', args.gp), ('bn_momentum', args.bn_momentum), ('bn_eps', args.bn_eps)):
         if value is not None:
             model_kwargs[name] = value
+    if checkpoint is not None:
+        model_kwargs = pinned_model_kwargs(checkpoint, args.model, model_kwargs, resume_path)
+    elif args.initial_checkpoint:
+        model_kwargs = checkpoint_model_kwargs(args.initial_checkpoint, args.model, model_kwargs)
     pretrained_cfg_overlay = dict(file=args.pretrained_path) if args.pretrained_path else None
     try:
         model = create_model(
@@ -623,6 +657,8 @@ def main(argv=None):
         raise UserError(f'model {args.model!r} does not accept these arguments: {e}') from None
     except ValueError as e:  # a bad value among them (e.g. --model-kwargs dbp_structure=..., dbp_kron_max_dim=-1)
         raise UserError(f'model {args.model!r}: bad argument value: {e}') from None
+    # pinned in every checkpoint: a resume rebuilds these R's under any later default (`pinned_model_kwargs`)
+    pinned_kwargs = dbp_model_kwargs(model.dbp_args) if hasattr(model, 'dbp_args') else None
     if args.num_classes is None:
         assert hasattr(model, 'num_classes'), 'Model must have `num_classes` attr if not set on cmd line/config.'
         args.num_classes = model.num_classes
@@ -899,7 +935,7 @@ def main(argv=None):
                 metric=metric, best_metric=best_metric, best_epoch=best_epoch, train_time=train_time,
                 train_energy_kwh=meter.kwh if meter is not None else None,
                 train_co2_kg=meter.co2_kg if meter is not None else None,
-                rng_state=rng_state(), kept_checkpoints=kept_checkpoints, version=2,
+                rng_state=rng_state(), kept_checkpoints=kept_checkpoints, version=2, dbp_model_kwargs=pinned_kwargs,
                 sketch_calls={name: layer.sketch_calls for name, layer in timm_dbp.sketched_layers(unwrap_model(model))})
             if gathered is not None:  # every stage's tensors, and one optimizer / RNG state per stage
                 state.update(gathered)

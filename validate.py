@@ -22,7 +22,10 @@ from timm.data import create_loader, resolve_data_config
 from timm.models import create_model
 
 import timm_dbp
-from train import UserError, apply_dataset_defaults, check_model_name, build_dataset, load_weights, run_cli, validate
+from train import (
+    UserError, apply_dataset_defaults, build_dataset, check_model_name, checkpoint_model_kwargs, load_weights, run_cli,
+    validate,
+)
 
 _logger = logging.getLogger('validate')
 
@@ -35,6 +38,8 @@ parser.add_argument('--num-samples', default=None, type=int, metavar='N', help='
 parser.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file')
 parser.add_argument('--dataset-download', action='store_true', default=False, help='allow dataset download')
 parser.add_argument('--model', '-m', metavar='NAME', default='dbp_resnet18', help='model architecture or hf-hub:org/name')
+parser.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
+                    help='model kwargs (a train.py checkpoint adds the dbp_ ones it was built with)')
 parser.add_argument('--checkpoint', default='', type=str, metavar='PATH', help='checkpoint to validate')
 parser.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights of the checkpoint')
 parser.add_argument('--fold', action='store_true', default=False, help='validate the folded plain model (W R)')
@@ -64,8 +69,10 @@ def main(argv=None):
     check_model_name(args.model)
     device = torch.device(args.device)
     apply_dataset_defaults(args)
-    model_kwargs = {'in_chans': args.in_chans} if args.in_chans else {}
+    model_kwargs = dict(args.model_kwargs, **({'in_chans': args.in_chans} if args.in_chans else {}))
     from_hub = args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:'))
+    if args.checkpoint:  # the dbp_ model kwargs a train.py checkpoint pinned: its R's under any later default
+        model_kwargs = checkpoint_model_kwargs(args.checkpoint, args.model, model_kwargs)
     pretrained = args.pretrained or (from_hub and not args.checkpoint)  # a hub / local-dir model brings its weights
     try:
         model = create_model(args.model, pretrained=pretrained, num_classes=args.num_classes, **model_kwargs)

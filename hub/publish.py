@@ -46,7 +46,7 @@ import timm_dbp
 import train
 from timm_dbp.data import FASHION_MNIST_CLASSES
 from timm_dbp.layers import identity_factor
-from timm_dbp.models import DBP_MODEL_KWARGS, dbp_model_kwargs, pop_dbp_args
+from timm_dbp.models import DBP_MODEL_KWARGS, dbp_model_kwargs, pop_dbp_args, r_mismatch_hint
 from timm_dbp.optim import DBP_DEFAULTS
 from timm_dbp.utils.checkpoint import CheckpointError, load_checkpoint_file
 from train import UserError
@@ -174,7 +174,7 @@ def _build_model(checkpoint: Dict[str, Any], args: Dict[str, Any], path: Path, u
         train.check_model_name(name)
     except UserError as e:
         raise UserError(f'{path}: {e} (import the library that registers it; timm-dbp registers dbp_*)') from None
-    kwargs = _model_kwargs(args)
+    kwargs = train.pinned_model_kwargs(checkpoint, name, _model_kwargs(args), str(path))
     try:
         model = timm.create_model(name, num_classes=args.get('num_classes'), **kwargs)
     except Exception as e:
@@ -187,10 +187,12 @@ def _build_model(checkpoint: Dict[str, Any], args: Dict[str, Any], path: Path, u
     for k, v in state_dict.items():
         if k in target and tuple(v.shape) != tuple(target[k].shape):
             raise UserError(f'{path}: {k} is {tuple(v.shape)} in the checkpoint but {tuple(target[k].shape)} in '
-                            f'{name} built with {kwargs} (model kwargs differ from the training run?)')
+                            f'{name} built with {kwargs} (model kwargs differ from the training run?)'
+                            f'{r_mismatch_hint(state_dict, model)}')
     missing, unexpected = sorted(set(target) - set(state_dict)), sorted(set(state_dict) - set(target))
     if missing or unexpected:
-        raise UserError(f'{path} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}')
+        raise UserError(f'{path} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}'
+                        f'{r_mismatch_hint(state_dict, model)}')
     model.load_state_dict(state_dict)
     architecture = model.pretrained_cfg.get('architecture') or split_model_name_tag(name)[0]
     return model.eval(), architecture, kwargs

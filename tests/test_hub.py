@@ -319,7 +319,8 @@ def _publish_error(capsys, *argv):
     return err[-1]
 
 
-@pytest.mark.parametrize('case', ['missing', 'empty', 'truncated', 'garbage', 'unknown-arch', 'pickle', 'shape'])
+@pytest.mark.parametrize('case', ['missing', 'empty', 'truncated', 'garbage', 'unknown-arch', 'pickle', 'shape',
+                                  'pinned'])
 def test_bad_checkpoints_are_one_line_errors(case, run_dir, checkpoint, tmp_path, capsys):
     target = tmp_path / 'x.pth.tar'
     if case == 'missing':
@@ -336,14 +337,18 @@ def test_bad_checkpoints_are_one_line_errors(case, run_dir, checkpoint, tmp_path
         torch.save(dict(checkpoint, arch='dbp_resnet19'), target)
     elif case == 'pickle':
         torch.save(dict(checkpoint, extra=_Exploit(str(tmp_path / 'pwned'))), target)
-    elif case == 'shape':
+    elif case in ('shape', 'pinned'):  # args that do not match the weights; 'shape': without pins (older files)
         args = dict(vars(checkpoint['args']), model_kwargs={'dbp_structure': 'full'})
-        torch.save(dict(checkpoint, args=__import__('argparse').Namespace(**args)), target)
+        bad = dict(checkpoint, args=__import__('argparse').Namespace(**args))
+        if case == 'shape':
+            del bad['dbp_model_kwargs']
+        torch.save(bad, target)
     err = _publish_error(capsys, target, '--repo-id', 'org/name', '--dry-run', '--out', tmp_path / 'out')
     assert target.name in err
     expected = {'missing': 'not found', 'empty': 'no checkpoint', 'truncated': 'cannot read checkpoint',
                 'garbage': 'cannot read checkpoint', 'unknown-arch': "'dbp_resnet19'", 'pickle': 'weights_only',
-                'shape': 'decor_matrix'}[case]
+                'shape': 'decor_matrix',
+                'pinned': "other dbp_ model kwargs: dbp_structure='full' (it has 'kron')"}[case]
     assert expected in err
     assert not (tmp_path / 'pwned').exists()  # the pickled call never ran
     if case == 'unknown-arch':
@@ -364,6 +369,31 @@ def test_dry_run_needs_out_and_out_must_hold_only_our_files(run_dir, tmp_path, c
     (tmp_path / 'out' / 'secret.txt').write_text('x')
     assert 'secret.txt' in _publish_error(capsys, run_dir, '--repo-id', 'org/name', '--dry-run', '--out',
                                           tmp_path / 'out')
+
+
+def test_publish_builds_the_model_its_checkpoint_pinned(run_dir, tmp_path, capsys, monkeypatch):
+    """publish builds the run's model with the dbp_ kwargs its checkpoint pinned, not today's defaults: after the
+    default structure changed to 'full' (monkeypatched), a kron run whose args no longer name its structure publishes
+    its kron model; without the pins it is refused, naming the R the weights hold."""
+    run = tmp_path / 'run'
+    shutil.copytree(run_dir, run)
+    (run / 'args.yaml').write_text((run / 'args.yaml').read_text().replace('dbp_structure: kron', ''))
+    for path in run.glob('*.pth.tar'):
+        ckpt = torch.load(path, weights_only=False)
+        assert ckpt['dbp_model_kwargs']['dbp_structure'] == 'kron'
+        ckpt['args'].model_kwargs = {}
+        torch.save(ckpt, path)
+    monkeypatch.setitem(timm_dbp.models.DBP_MODEL_KWARGS, 'structure', ('dbp_structure', 'full'))
+    assert timm.create_model('dbp_test_resnet').dbp_args['structure'] == 'full'
+    folder = _export(run, tmp_path / 'pinned')
+    assert json.loads((folder / 'config.json').read_text())['model_args']['dbp_structure'] == 'kron'
+
+    for path in run.glob('*.pth.tar'):
+        ckpt = torch.load(path, weights_only=False)
+        del ckpt['dbp_model_kwargs']
+        torch.save(ckpt, path)
+    err = _publish_error(capsys, run, '--repo-id', 'org/name', '--dry-run', '--out', tmp_path / 'unpinned')
+    assert 'model kwargs differ from the training run' in err and "kron R, the model dbp_structure='full'" in err
 
 
 # --- clear errors when loading -------------------------------------------------------------------------------------

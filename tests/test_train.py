@@ -260,13 +260,36 @@ def test_num_classes_mismatch_with_checkpoint(tiny_fmnist, tmp_path, capsys):
     assert '10 classes' in err and '7' in err
 
 
-def test_resume_with_other_r_shapes_names_the_model_kwargs(tiny_fmnist, tmp_path, capsys):
-    """A checkpoint with block-diagonal R's resumed into a model built with dense ones (another dbp_block_size,
-    as after a change of a model's default): the error names the R it holds and the model's dbp_block_size."""
+def test_resume_builds_the_r_shapes_the_checkpoint_pinned(tiny_fmnist, tmp_path, capsys):
+    """A checkpoint pins every dbp_ model kwarg its model was built with: resumed without them (as after a change of
+    the model's default) it builds the same block-diagonal R's and trains on, as a new run from it as
+    --initial-checkpoint does; a pinned kwarg given with another value is an error; a checkpoint without pins
+    (written before them) says which option differs."""
     out = str(tmp_path)
     assert train.run(_args(tiny_fmnist, out, 'run', '--epochs', '1', '--model-kwargs', 'dbp_block_size=8')) == 0
-    ckpt = os.path.join(out, 'train', 'run', 'last.pth.tar')
-    err = _error_of(capsys, _args(tiny_fmnist, out, 'other', '--resume', ckpt))
+    ckpt_path = os.path.join(out, 'train', 'run', 'last.pth.tar')
+    ckpt = _last(out, 'run')
+    assert ckpt['dbp_model_kwargs'] == dict(timm_dbp.models.dbp_model_kwargs(
+        timm.create_model('dbp_test_resnet', dbp_block_size=8).dbp_args))
+    assert ckpt['dbp_model_kwargs']['dbp_block_size'] == 8 and ckpt['dbp_model_kwargs']['dbp_max_dim'] == 0
+
+    assert train.run(_args(tiny_fmnist, out, 'run', '--resume', ckpt_path)) == 0  # epoch 1 of 2, no dbp_block_size
+    resumed = _last(out, 'run')
+    assert resumed['epoch'] == 1 and resumed['dbp_model_kwargs'] == ckpt['dbp_model_kwargs']
+    assert any(v.dim() == 3 for k, v in resumed['state_dict'].items() if k.endswith('decor_matrix'))
+    assert train.run(_args(tiny_fmnist, out, 'same', '--resume', ckpt_path, '--model-kwargs', 'dbp_block_size=8',
+                           'dbp_max_dim=0')) == 0  # the pinned values given again: no conflict
+
+    err = _error_of(capsys, _args(tiny_fmnist, out, 'other', '--resume', ckpt_path, '--model-kwargs',
+                                  'dbp_block_size=0'))
+    assert 'built with other dbp_ model kwargs: dbp_block_size=0 (it has 8)' in err
+    assert train.run(_args(tiny_fmnist, out, 'init', '--epochs', '1', '--initial-checkpoint', ckpt_path)) == 0
+    assert _last(out, 'init')['dbp_model_kwargs'] == ckpt['dbp_model_kwargs']  # a new run from its weights and R's
+
+    del ckpt['dbp_model_kwargs']
+    old = os.path.join(out, 'old.pth.tar')
+    torch.save(ckpt, old)
+    err = _error_of(capsys, _args(tiny_fmnist, out, 'other', '--resume', old))
     assert 'does not fit model' in err and 'decor_matrix' in err
     assert 'block-diagonal' in err and 'dbp_block_size=0' in err
 

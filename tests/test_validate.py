@@ -50,6 +50,31 @@ def test_bad_checkpoint_is_one_line(tiny_fmnist, tmp_path, capsys):
     assert code == 2 and err[-1].startswith('validate.py: error:') and 'bad.pth' in err[-1]
 
 
+def test_checkpoint_builds_the_model_with_its_pinned_dbp_kwargs(tiny_fmnist, tmp_path, capsys):
+    """A train.py checkpoint of a model built with dbp_block_size=8 validates with no options (its pins); one without
+    pins takes them from --model-kwargs; a pinned kwarg given otherwise is a one-line error."""
+    out = str(tmp_path)
+    argv = ['--dataset', 'fashion_mnist', '--data-dir', tiny_fmnist, '--model', 'dbp_test_resnet', '--opt', 'dbpsgd',
+            '--img-size', '32', '-b', '32', '--epochs', '1', '--warmup-epochs', '0', '-j', '0', '--output', out,
+            '--experiment', 'blocks', '--model-kwargs', 'dbp_block_size=8']
+    assert train.run(argv) == 0
+    path = os.path.join(out, 'train', 'blocks', 'last.pth.tar')
+    ckpt = torch.load(path, weights_only=False)
+    assert _validate(tiny_fmnist, path)['top1'] == pytest.approx(ckpt['metric'], abs=1e-4)
+
+    del ckpt['dbp_model_kwargs']
+    unpinned = str(tmp_path / 'unpinned.pth.tar')
+    torch.save(ckpt, unpinned)
+    assert _validate(tiny_fmnist, unpinned, '--model-kwargs', 'dbp_block_size=8')['top1'] == pytest.approx(
+        ckpt['metric'], abs=1e-4)
+    for checkpoint, kwarg, message in ((path, 'dbp_block_size=0', 'dbp_block_size=0 (it has 8)'),
+                                       (unpinned, 'dbp_block_size=0', 'block-diagonal')):
+        code = validate.run(['--dataset', 'fashion_mnist', '--data-dir', tiny_fmnist, '--model', 'dbp_test_resnet',
+                             '--checkpoint', checkpoint, '--img-size', '32', '-j', '0', '--model-kwargs', kwarg])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith('validate.py: error:') and message in err[-1], err[-1]
+
+
 def test_hf_hub_model_offline_from_the_cache_layout(tiny_fmnist, trained, tmp_path):
     """validate.py --model hf-hub:org/name, served from a Hugging Face cache folder with HF_HUB_OFFLINE=1."""
     import subprocess

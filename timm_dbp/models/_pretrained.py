@@ -16,6 +16,8 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from timm_dbp.layers import factor_size, fused_weight
 
+from ._dbp_kwargs import DBP_MODEL_KWARGS, UNLIMITED
+
 __all__ = [
     'PretrainedWeightsError', 'pretrained_source', 'fold_adapted_input_convs', 'check_pretrained_fits',
     'raised_while_loading_pretrained', 'build_dbp_model', 'r_shape_hint', 'r_mismatch_hint']
@@ -66,9 +68,9 @@ _R_BUFFERS = ('.decor_matrix', '.decor_spatial')
 
 
 def _size_options(model: nn.Module, names: Sequence[str]) -> str:
-    """The model's dbp_ options `names` as model kwargs (None as 0: no limit)."""
+    """The model's size limits `names` (`decorrelate()` arguments) as model kwargs (None as UNLIMITED)."""
     dbp_args = getattr(model, 'dbp_args', {})
-    return ', '.join(f'dbp_{name}={dbp_args.get(name) or 0!r}' for name in names)
+    return ', '.join(f'{DBP_MODEL_KWARGS[name][0]}={dbp_args.get(name) or UNLIMITED!r}' for name in names)
 
 
 def r_shape_hint(state_dict: Mapping[str, torch.Tensor], key: str, model: nn.Module) -> str:

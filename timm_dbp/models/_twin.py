@@ -15,29 +15,15 @@ from torch import nn
 
 from timm.models import get_pretrained_cfg, model_entrypoint
 
-from timm_dbp.layers import DEFAULT_STRUCTURE, decorrelate, exclude_patterns, fill_decor_matrices
+from timm_dbp.layers import DEFAULT_STRUCTURE, decorrelate, fill_decor_matrices
 
+from ._dbp_kwargs import pop_dbp_args
 from ._pretrained import build_dbp_model, check_pretrained_fits, fold_adapted_input_convs
 
-__all__ = ['DBPModel', 'DBP_MODEL_KWARGS', 'SIZE_LIMIT_ARGS', 'UNLIMITED', 'WIDE_TWIN_ARGS', 'BASIC_RESNET_TWIN_ARGS',
-           'twin_kwargs', 'wide_twin_kwargs', 'pop_dbp_args', 'dbp_model_kwargs', 'twin_class', 'twin_cfg',
-           'dbp_checkpoint_filter', 'build_dbp_twin']
+__all__ = ['DBPModel', 'WIDE_TWIN_ARGS', 'BASIC_RESNET_TWIN_ARGS', 'twin_kwargs', 'wide_twin_kwargs', 'twin_class',
+           'twin_cfg', 'dbp_checkpoint_filter', 'build_dbp_twin']
 
 StateDict = Dict[str, torch.Tensor]
-
-# a dbp_ model's own kwargs: decorrelate() argument -> (model kwarg, default)
-DBP_MODEL_KWARGS: Dict[str, Tuple[str, Any]] = {
-    'exclude': ('dbp_exclude', ()),  # fnmatch patterns of module names kept plain (see `exclude_patterns`)
-    'max_dim': ('dbp_max_dim', None),  # keep layers with input dimension d above it plain; 0: none
-    'linear': ('dbp_linear', True),  # decorrelate Linear layers too
-    'structure': ('dbp_structure', DEFAULT_STRUCTURE),  # R of the convs: 'full', 'channel', 'kron'
-    'kron_max_dim': ('dbp_kron_max_dim', None),  # kron convs with d above it take a channel R; 0: none
-    'block_size': ('dbp_block_size', None),  # R's over channels wider than it block-diagonal; 0: dense
-}
-# "no limit" as a model kwarg (dense R's, no layer kept plain by its size, kron R at every size): timm's create_model
-# drops None-valued kwargs, so None cannot undo a model's default
-UNLIMITED = 0
-SIZE_LIMIT_ARGS = ('max_dim', 'kron_max_dim', 'block_size')  # decorrelate() arguments, None = UNLIMITED as a kwarg
 
 # the defaults of the wide twins (bottleneck ResNets, ConvNeXt-Tiny and larger), whose 1x1 convs / MLPs see 1024+
 # channels: R's over more than 256 channels block-diagonal (docs/BENCHMARKS.md sections 41-43: a faster step on all
@@ -65,29 +51,6 @@ def twin_kwargs(defaults: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, A
 def wide_twin_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """A wide twin entrypoint's kwargs over WIDE_TWIN_ARGS (see `twin_kwargs`)."""
     return twin_kwargs(WIDE_TWIN_ARGS, kwargs)
-
-
-def pop_dbp_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Take a dbp_ model's own arguments (DBP_MODEL_KWARGS) out of `kwargs`, as `decorrelate()` arguments."""
-    args = {name: kwargs.pop(kwarg, default) for name, (kwarg, default) in DBP_MODEL_KWARGS.items()}
-    args['exclude'] = exclude_patterns(args['exclude'])
-    for name in SIZE_LIMIT_ARGS:
-        if type(args[name]) is int and args[name] == UNLIMITED:
-            args[name] = None
-    return args
-
-
-def dbp_model_kwargs(dbp_args: Dict[str, Any]) -> Dict[str, Any]:
-    """The dbp_ model kwargs that build a model with these `decorrelate()` arguments again (the inverse of
-    `pop_dbp_args`), every one of them, defaults included (no limit as 0, e.g. dense R's as dbp_block_size=0): R's
-    shapes must not depend on the defaults of the day (the library's or a model entrypoint's)."""
-    kwargs = {kwarg: list(dbp_args[name]) if isinstance(dbp_args[name], tuple) else dbp_args[name]
-              for name, (kwarg, _) in DBP_MODEL_KWARGS.items()}
-    for name in SIZE_LIMIT_ARGS:
-        kwarg = DBP_MODEL_KWARGS[name][0]
-        if kwargs[kwarg] is None:
-            kwargs[kwarg] = UNLIMITED
-    return kwargs
 
 
 class DBPModel:
