@@ -4,6 +4,8 @@
 `import timm_dbp`, plus checks that turn timm's failures into one clear message: an unreadable config.json, an
 architecture timm does not know (the message says to `import timm_dbp`), a truncated or corrupt weights file, and
 weights that do not fit the architecture. Weights are read by timm: safetensors, or torch.load(weights_only=True).
+A folder published before size limits were pinned as 0 pins "no limit" as null, which timm drops (the model's default
+would apply): `load_model` passes those as 0.
 """
 import json
 from pathlib import Path
@@ -13,6 +15,7 @@ import timm
 from torch import nn
 
 import timm_dbp
+from timm_dbp.models import DBP_MODEL_KWARGS, SIZE_LIMIT_ARGS, UNLIMITED
 from timm_dbp.models._pretrained import (
     PretrainedWeightsError, check_pretrained_fits, pretrained_source, raised_while_loading_pretrained)
 
@@ -65,6 +68,10 @@ def load_model(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Module:
     """`timm.create_model(name, pretrained=pretrained, **kwargs)` for a published `hf-hub:` / `local-dir:` model,
     raising HubLoadError (naming config.json, the weights file or the key) instead of timm's bare errors."""
     config, path = read_hub_config(name)
+    model_args = config.get('model_args') or {}
+    for kwarg in (DBP_MODEL_KWARGS[limit][0] for limit in SIZE_LIMIT_ARGS):
+        if kwarg in model_args and model_args[kwarg] is None:
+            kwargs.setdefault(kwarg, UNLIMITED)
     source, model_id = timm.models.parse_model_name(name)
     if source == 'hf-hub':
         where = pretrained_source(dict(hf_hub_id=model_id, source=source))

@@ -433,6 +433,27 @@ def test_unknown_architecture_says_import_timm_dbp(dbp_folder, tmp_path):
         load_model('hf-hub:org/not-cached')
 
 
+def test_null_size_limits_of_older_folders_load_as_no_limit(tmp_path):
+    """Folders published before 0 meant "no limit" pin null, which timm drops, so dbp_resnet18's layer defaults would
+    apply to weights with R on every layer: load_model passes 0."""
+    from timm.models import save_for_hf
+    every_layer = dict(dbp_max_dim=0, dbp_kron_max_dim=0)
+    model = timm.create_model('dbp_resnet18', num_classes=10, **every_layer)
+    with torch.no_grad():
+        for name, R in model.state_dict().items():
+            if name.endswith('decor_matrix'):
+                R.add_(0.01 * torch.randn_like(R))
+    pinned = dict(timm_dbp.models.dbp_model_kwargs(model.dbp_args), dbp_max_dim=None, dbp_kron_max_dim=None,
+                  dbp_block_size=None)
+    save_for_hf(model, str(tmp_path / 'old'), model_args=pinned, safe_serialization=True)
+    with pytest.raises(PretrainedWeightsError, match='layer4'):
+        timm.create_model(f'local-dir:{tmp_path / "old"}', pretrained=True)  # timm's own path: the defaults apply
+    loaded = load_model(f'local-dir:{tmp_path / "old"}')
+    assert loaded.dbp_args['max_dim'] is None and loaded.dbp_args['kron_max_dim'] is None
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert load_model(f'local-dir:{tmp_path / "old"}', dbp_max_dim=4608).dbp_args['max_dim'] == 4608  # given: kept
+
+
 def test_structure_and_architecture_mismatch_name_the_key(dbp_folder, folded_folder, tmp_path):
     def with_config(folder, name, **changes):
         bad = tmp_path / name
