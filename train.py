@@ -545,7 +545,7 @@ def _classifier_shape(state_dict: dict, model: nn.Module):
 
 
 def pinned_model_kwargs(checkpoint: dict, model_name: str, model_kwargs: dict, source: str) -> dict:
-    """`model_kwargs` over the dbp_ model kwargs a train.py checkpoint pinned (`dbp_model_kwargs`: every one, defaults
+    """`model_kwargs` with the dbp_ model kwargs a train.py checkpoint pinned (`dbp_model_kwargs`: every one, defaults
     included), so its model is built again with the R's it was trained with whatever the model's defaults are now.
     A pinned kwarg given with another value is an error; a checkpoint of another model or without pins adds nothing."""
     pinned = checkpoint.get('dbp_model_kwargs')
