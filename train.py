@@ -516,15 +516,25 @@ def build_dataset(args, split: str, is_training: bool, num_samples):
     return dataset
 
 
-def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> None:
-    """A training checkpoint (state_dict / state_dict_ema), or a bare state dict (plain, folded or DBP)."""
+def read_training_checkpoint(path: str) -> Optional[dict]:
+    """The train.py (or timm) checkpoint at `path`, or None for any other file (a bare state dict, an unreadable file:
+    `load_weights` says why)."""
     try:
-        checkpoint = load_checkpoint_file(path)
+        return load_checkpoint_file(path)
+    except CheckpointError:
+        return None
+
+
+def load_weights(model: nn.Module, path: str, use_ema: bool = False, checkpoint: Optional[dict] = None) -> None:
+    """A training checkpoint (state_dict / state_dict_ema; `checkpoint`: the one at `path`, already read), or a bare
+    state dict (plain, folded or DBP)."""
+    checkpoint = checkpoint if checkpoint is not None else read_training_checkpoint(path)
+    if checkpoint is not None:
         key = 'state_dict_ema' if use_ema else 'state_dict'
         if checkpoint.get(key) is None:
             raise UserError(f'{path} has no {key}')
         state_dict = checkpoint[key]
-    except CheckpointError:
+    else:
         try:
             state_dict = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:
@@ -561,16 +571,6 @@ def pinned_model_kwargs(checkpoint: dict, model_name: str, model_kwargs: dict, s
         raise UserError(f'{source} holds a model built with other dbp_ model kwargs: {", ".join(differing)}; drop '
                         f'them (the checkpoint\'s are used), or start from its folded weights (R = I, any options)')
     return {**model_kwargs, **pinned}  # the pinned form: None (timm drops it) stays the value it names
-
-
-def checkpoint_model_kwargs(path: str, model_name: str, model_kwargs: dict) -> dict:
-    """`pinned_model_kwargs` of the checkpoint file `path`; any file but a train.py checkpoint (a bare state dict, an
-    unreadable file: `load_weights` says why) adds nothing."""
-    try:
-        checkpoint = load_checkpoint_file(path)
-    except CheckpointError:
-        return model_kwargs
-    return pinned_model_kwargs(checkpoint, model_name, model_kwargs, path)
 
 
 def _load_model_state(model: nn.Module, state_dict: dict, source: str) -> None:
@@ -646,8 +646,9 @@ def main(argv=None):
             model_kwargs[name] = value
     if checkpoint is not None:
         model_kwargs = pinned_model_kwargs(checkpoint, args.model, model_kwargs, resume_path)
-    elif args.initial_checkpoint:
-        model_kwargs = checkpoint_model_kwargs(args.initial_checkpoint, args.model, model_kwargs)
+    initial = read_training_checkpoint(args.initial_checkpoint) if args.initial_checkpoint else None
+    if checkpoint is None and initial is not None:
+        model_kwargs = pinned_model_kwargs(initial, args.model, model_kwargs, args.initial_checkpoint)
     pretrained_cfg_overlay = dict(file=args.pretrained_path) if args.pretrained_path else None
     try:
         model = create_model(
@@ -663,7 +664,7 @@ def main(argv=None):
         assert hasattr(model, 'num_classes'), 'Model must have `num_classes` attr if not set on cmd line/config.'
         args.num_classes = model.num_classes
     if args.initial_checkpoint:
-        load_weights(model, args.initial_checkpoint)
+        load_weights(model, args.initial_checkpoint, checkpoint=initial)
     if args.analytic_head or args.analytic_head_only:
         try:
             analytic_classifier(model)

@@ -23,8 +23,8 @@ from timm.models import create_model
 
 import timm_dbp
 from train import (
-    UserError, apply_dataset_defaults, build_dataset, check_model_name, checkpoint_model_kwargs, load_weights, run_cli,
-    validate,
+    UserError, apply_dataset_defaults, build_dataset, check_model_name, load_weights, pinned_model_kwargs,
+    read_training_checkpoint, run_cli, validate,
 )
 
 _logger = logging.getLogger('validate')
@@ -71,15 +71,16 @@ def main(argv=None):
     apply_dataset_defaults(args)
     model_kwargs = dict(args.model_kwargs, **({'in_chans': args.in_chans} if args.in_chans else {}))
     from_hub = args.model.startswith(('hf-hub:', 'hf_hub:', 'local-dir:'))
-    if args.checkpoint:  # the dbp_ model kwargs a train.py checkpoint pinned: its R's under any later default
-        model_kwargs = checkpoint_model_kwargs(args.checkpoint, args.model, model_kwargs)
+    checkpoint = read_training_checkpoint(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None:  # the dbp_ model kwargs a train.py checkpoint pinned: its R's under any later default
+        model_kwargs = pinned_model_kwargs(checkpoint, args.model, model_kwargs, args.checkpoint)
     pretrained = args.pretrained or (from_hub and not args.checkpoint)  # a hub / local-dir model brings its weights
     try:
         model = create_model(args.model, pretrained=pretrained, num_classes=args.num_classes, **model_kwargs)
     except (TypeError, RuntimeError, OSError, ValueError) as e:
         raise UserError(f'cannot create model {args.model!r}: {e}'.splitlines()[0]) from None
     if args.checkpoint:
-        load_weights(model, args.checkpoint, args.use_ema)
+        load_weights(model, args.checkpoint, args.use_ema, checkpoint)
     if args.fold:
         model = timm_dbp.fold(model)
     n_dbp = len(list(timm_dbp.decor_layers(model)))
