@@ -245,6 +245,9 @@ group.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower 
 group.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train (default: 300)')
 group.add_argument('--epoch-repeats', type=float, default=0., metavar='N', help='epoch repeat multiplier')
 group.add_argument('--start-epoch', default=None, type=int, metavar='N', help='manual epoch number')
+group.add_argument('--stop-after-epoch', type=_positive_int, default=None, metavar='N',
+                   help='stop once the first N epochs of the --epochs schedule are done (checkpoint written; the same '
+                        'command with --resume auto continues it exactly): a schedule trained in chunks')
 group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar="MILESTONES",
                    help='list of decay epoch indices for multistep lr')
 group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
@@ -854,7 +857,8 @@ def main(argv=None):
             saved = saved[args.rank] if len(saved) == args.world_size and trainer is not None else None
         set_rng_state(saved)
 
-    train_epochs = range(0) if args.analytic_head_only else range(start_epoch, num_epochs)
+    stop_epoch = min(num_epochs, args.stop_after_epoch or num_epochs)  # a chunk of the schedule ends here
+    train_epochs = range(0) if args.analytic_head_only else range(start_epoch, stop_epoch)
     meter = _energy_meter(args, checkpoint, resume_path, is_main, epochs_to_run=len(train_epochs) > 0)
 
     output_dir = None
@@ -872,8 +876,9 @@ def main(argv=None):
         with meter if meter is not None else nullcontext():  # timed and metered as training
             train_time += warm_up_decorrelation(dbp, model, loader_train, args, device, amp_autocast, mixup_fn)
     eval_metrics = None  # of the last epoch trained in this run
-    if start_epoch >= num_epochs and not args.analytic_head_only and is_main:
-        _logger.info(f'Nothing to do: checkpoint is at epoch {start_epoch - 1}, the run has {num_epochs} epochs.')
+    if start_epoch >= stop_epoch and not args.analytic_head_only and is_main:
+        _logger.info(f'Nothing to do: checkpoint is at epoch {start_epoch - 1}, the run has {num_epochs} epochs'
+                     + (f', this chunk stops after {stop_epoch}.' if stop_epoch < num_epochs else '.'))
     for epoch in train_epochs:
         if hasattr(dataset_train, 'set_epoch'):
             dataset_train.set_epoch(epoch)
@@ -951,7 +956,10 @@ def main(argv=None):
             _logger.info(f'*** Energy of the training epochs: {meter.kwh:.4g} kWh, {meter.co2_kg:.4g} kg CO2eq '
                          f'({meter.country_iso_code} grid; codecarbon, whole machine of rank 0; '
                          f'{meter.method or "no epoch measured in this process"})')
-    if loader_fit is not None:
+    if len(train_epochs) and stop_epoch < num_epochs and is_main:
+        _logger.info(f'Stopped after epoch {stop_epoch} of {num_epochs} (--stop-after-epoch); continue with the same '
+                     'command and --resume auto')
+    if loader_fit is not None and (args.analytic_head_only or stop_epoch == num_epochs):  # at the schedule's end
         refit_analytic_head(model, loader_fit, loader_eval, validate_loss_fn, args, device, amp_autocast, output_dir,
                             epoch=start_epoch - 1 if args.analytic_head_only else num_epochs - 1, before=eval_metrics)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

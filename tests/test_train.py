@@ -94,6 +94,42 @@ def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch, extra):
     assert snapshot() == before
 
 
+def test_stop_after_epoch_trains_the_schedule_in_chunks_exactly(tiny_fmnist, tmp_path, caplog):
+    """--stop-after-epoch ends a run after its first N epochs of the --epochs schedule (the LR stays on that
+    schedule); the same command with --resume auto continues it to the same weights as one uninterrupted run, and
+    the analytic head is refitted only at the schedule's end."""
+    out = str(tmp_path)
+    extra = ['--analytic-head']
+    assert train.run(_args(tiny_fmnist, out, 'straight', *extra)) == 0
+    chunk = _args(tiny_fmnist, out, 'chunks', *extra, '--stop-after-epoch', '1')
+    with caplog.at_level('INFO'):
+        assert train.run(chunk) == 0
+    exp = os.path.join(out, 'train', 'chunks')
+    assert [r['epoch'] for r in _summary(out, 'chunks')] == ['0'] and _last(out, 'chunks')['epoch'] == 0
+    assert 'analytic_head.json' not in os.listdir(exp)
+    assert 'Stopped after epoch 1 of 2' in caplog.text
+    assert _summary(out, 'chunks')[0]['lr'] == _summary(out, 'straight')[0]['lr']  # the 2-epoch cosine, not 1
+
+    assert train.run(chunk + ['--resume', 'auto']) == 0  # the chunk is done: nothing trained again
+    assert [r['epoch'] for r in _summary(out, 'chunks')] == ['0']
+    assert train.run(_args(tiny_fmnist, out, 'chunks', *extra, '--stop-after-epoch', '5', '--resume', 'auto')) == 0
+    straight, chunks = _summary(out, 'straight'), _summary(out, 'chunks')
+    assert [r['epoch'] for r in chunks] == ['0', '1']
+    for key in ('train_loss', 'eval_loss', 'eval_top1', 'train_decor_corr', 'lr'):
+        assert [r[key] for r in straight] == [r[key] for r in chunks], key
+    a, b = _last(out, 'straight'), _last(out, 'chunks')
+    for key, value in a['state_dict'].items():
+        assert torch.equal(value, b['state_dict'][key]), key
+    assert 'analytic_head.json' in os.listdir(exp)
+
+
+@pytest.mark.parametrize('value', ['0', '-1', '1.5'])
+def test_stop_after_epoch_must_be_a_positive_integer(tiny_fmnist, tmp_path, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.run(_args(tiny_fmnist, str(tmp_path), 'bad', '--stop-after-epoch', value))
+    assert exit_info.value.code == 2 and '--stop-after-epoch' in capsys.readouterr().err
+
+
 def test_decor_warmup_learns_R_first_and_keeps_the_data_order(tiny_fmnist, tmp_path, monkeypatch, caplog):
     original, rng_at_epoch_start = train.train_one_epoch, {}
 
