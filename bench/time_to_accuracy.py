@@ -4,7 +4,9 @@ Every method trains the same architecture (timm's `test_resnet`, or its DBP twin
 (examples/fashion_mnist_bp_vs_dbp.py: 32 px, cosine schedule, label smoothing, random-resized-crop), differing only
 in optimizer (and, for DBP, the model's R). Equal tuning budget: every method gets the same sweep of learning-rate
 multipliers around its usual base LR, on the sweep seed; its best LR (final top-1) then runs on the other seeds.
-Runs are interleaved (method A B C ... for each LR / seed), so slow drifts of the machine hit every method alike.
+Runs are interleaved (method A B C ... for each LR / seed), so slow drifts of the machine hit every method alike;
+with --interleave-epochs the runs of each phase go one epoch at a time in step (A1 B1 A2 B2 ...), so each run spans
+the same stretch of wall-clock (train.py --stop-after-epoch and --resume auto: the same runs, continued exactly).
 
 Target: BP-SGD's final top-1 (median over seeds). Per method: final and best top-1, and the training wall-clock
 (train.py's `train_time`, evaluation excluded) to first reach the target, divided by BP-SGD's total training time
@@ -38,6 +40,7 @@ for every method, so that the tuning budget stays equal; the JSON records them.
     python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --lr-mults 1 2 4 --extend-edges 2 ...  # x0.5 / x8 ...
     python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --fixed-lr-mults bp_sgd=4 dbp_kron=8 --epochs 12 \\
         --budgets 6 --budget-methods dbp_kron ...   # 12 epochs at the 6-epoch choices; DBP's 6-epoch schedule too
+    python bench/time_to_accuracy.py ... --interleave-epochs   # runs advance epoch by epoch in step (machine drift)
 """
 import argparse
 import csv
@@ -172,13 +175,16 @@ parser.add_argument('--train-flags', default='', metavar='"FLAGS"',
                     help='extra train.py flags for every method, one string after =, e.g. '
                          '--train-flags="--sched-on-updates"; they are part of each run\'s name, so runs with other '
                          'flags are never reused')
+parser.add_argument('--interleave-epochs', action='store_true',
+                    help='advance the runs of each phase one epoch at a time, in step through their schedules, so '
+                         'that a drift of the machine\'s speed hits every method alike (each epoch is a train.py '
+                         'call: --stop-after-epoch, then --resume auto; the same runs, continued exactly)')
 parser.add_argument('--runs-dir', default=os.path.join(ROOT, 'output', 'tta'), help='train.py output root')
 parser.add_argument('--out', required=True, help='output prefix: writes <out>.json and <out>.png')
 
 
-def run_one(args, method, lr_mult, seed, epochs=None):
-    """Train one (method, lr multiplier, seed, schedule of `epochs`, default --epochs) with train.py unless done
-    already; returns its result row."""
+def run_spec(args, method, lr_mult, seed, epochs=None):
+    """What train.py runs for one (method, lr multiplier, seed, schedule of `epochs`, default --epochs)."""
     epochs = epochs or args.epochs
     prefix, opt, base_lr, extra, *env = METHODS[method]
     if args.model_kwargs:  # one --model-kwargs flag: train.py keeps only the last one
@@ -188,24 +194,58 @@ def run_one(args, method, lr_mult, seed, epochs=None):
     flags = args.train_flag_list
     experiment = f'{method}-lr{lr:g}-s{seed}-e{epochs}-n{args.train_num_samples}-b{args.batch_size}'
     experiment += ''.join('_' + f.strip('-').replace('=', '-').replace('/', '-') for f in flags)
-    summary = os.path.join(args.runs_dir, 'train', experiment, 'summary.csv')
     train_args = [*recipe_args(epochs, args.batch_size, args.train_num_samples, lr, args.runs_dir, seed, args.workers),
                   '--model', prefix + args.model, '--opt', opt, '--experiment', experiment, *extra, *flags]
     if args.val_num_samples:
         train_args += ['--val-num-samples', str(args.val_num_samples)]
-    error = train_unless_done(train_args, summary, epochs, f'{method} lr {lr:g} seed {seed} epochs {epochs}',
-                              env=dict(os.environ, **(env[0] if env else {})))
+    return dict(method=method, lr=lr, lr_mult=lr_mult, seed=seed, epochs=epochs, train_args=train_args,
+                summary=os.path.join(args.runs_dir, 'train', experiment, 'summary.csv'),
+                label=f'{method} lr {lr:g} seed {seed} epochs {epochs}', env=dict(os.environ, **(env[0] if env else {})))
+
+
+def train_runs(args, specs):
+    """Train every run of `specs` unless done already; returns their result rows, in order.
+
+    With --interleave-epochs the runs advance one epoch at a time (train.py --stop-after-epoch, then --resume auto:
+    the same schedule, continued exactly), the run least far through its schedule next, so every run spans the same
+    stretch of wall-clock and a drift of the machine's speed slows every method alike."""
+    errors = {}
+    if args.interleave_epochs:
+        done = [len(read_curve(s['summary'])) if os.path.exists(s['summary']) else 0 for s in specs]
+        while pending := [((done[i] + 1) / s['epochs'], i) for i, s in enumerate(specs)
+                          if done[i] < s['epochs'] and i not in errors]:
+            i = min(pending)[1]
+            spec, epoch = specs[i], done[i] + 1
+            chunk = [*spec['train_args'], '--stop-after-epoch', str(epoch), *(['--resume', 'auto'] if done[i] else [])]
+            error = train_unless_done(chunk, spec['summary'], epoch, f'{spec["label"]}, epoch {epoch}', env=spec['env'])
+            if error is None:
+                done[i] = epoch
+            else:
+                errors[i] = error
+    else:
+        for i, spec in enumerate(specs):
+            error = train_unless_done(spec['train_args'], spec['summary'], spec['epochs'], spec['label'],
+                                      env=spec['env'])
+            if error is not None:
+                errors[i] = error
+    return [result_row(spec, errors.get(i)) for i, spec in enumerate(specs)]
+
+
+def result_row(spec, error):
+    """One run's row: final / best top-1, training time, the curve and the last epoch's DBP and energy columns."""
+    row = {k: spec[k] for k in ('method', 'lr', 'lr_mult', 'seed', 'epochs')}
     if error is not None:
         print(error, file=sys.stderr)
-        return dict(method=method, lr=lr, lr_mult=lr_mult, seed=seed, epochs=epochs, failed=True, curve=[])
-    curve = read_curve(summary)
-    row = dict(method=method, lr=lr, lr_mult=lr_mult, seed=seed, epochs=epochs, failed=False, curve=curve,
-               final_top1=curve[-1][1], best_top1=max(a for _, a in curve), train_time=curve[-1][0])
-    with open(summary) as f:  # DBP / energy columns of the last epoch, when present
+        return dict(row, failed=True, curve=[])
+    curve = read_curve(spec['summary'])
+    row.update(failed=False, curve=curve, final_top1=curve[-1][1], best_top1=max(a for _, a in curve),
+               train_time=curve[-1][0])
+    with open(spec['summary']) as f:  # DBP / energy columns of the last epoch, when present
         last = list(csv.DictReader(f))[-1]
     row.update({k: float(v) for k, v in last.items()
                 if k.startswith(('train_decor', 'train_energy', 'train_co2')) and v})
-    print(f'    final {row["final_top1"]:.2f}  best {row["best_top1"]:.2f}  time {row["train_time"]:.1f}s', flush=True)
+    print(f'    {spec["label"]}: final {row["final_top1"]:.2f}  best {row["best_top1"]:.2f}  '
+          f'time {row["train_time"]:.1f}s', flush=True)
     return row
 
 
@@ -356,10 +396,9 @@ def main():
     swept = [m for m in args.methods if m not in fixed]
     todo = {m: [fixed[m]] if m in fixed else mults for m in args.methods}
     for extension in range(args.extend_edges + 1):  # phase 1: LR sweep on the sweep seed, methods interleaved
-        for i in range(max(map(len, todo.values()))):
-            for method in args.methods:
-                if i < len(todo[method]):
-                    rows.append(run_one(args, method, todo[method][i], sweep_seed))
+        rows += train_runs(args, [run_spec(args, method, todo[method][i], sweep_seed)
+                                  for i in range(max(map(len, todo.values())))
+                                  for method in args.methods if i < len(todo[method])])
         best = best_runs(rows, args.methods)
         wider = edge_extension(mults, {m: r['lr_mult'] for m, r in best.items() if m in swept})
         if not wider or extension == args.extend_edges:
@@ -379,19 +418,16 @@ def main():
     best_mult = {m: r['lr_mult'] for m, r in best.items()}
     if 'bp_sgd' in args.methods and 'bp_sgd' not in best_mult:
         sys.exit('every bp_sgd run failed: no target')
-    for seed in other_seeds:  # phase 2: the chosen LR on the other seeds
-        for method in best_mult:
-            row = run_one(args, method, best_mult[method], seed)
-            row['chosen'] = not row['failed']
-            rows.append(row)
-    for epochs in sorted(args.budgets):  # phase 3: shorter complete schedules, chosen LR, every seed
-        for seed in args.seeds:
-            for method in best_mult:
-                if args.budget_methods is not None and method not in args.budget_methods:
-                    continue
-                row = run_one(args, method, best_mult[method], seed, epochs)
-                row['budget'] = True
-                rows.append(row)
+    # phase 2: the chosen LR on the other seeds
+    for row in train_runs(args, [run_spec(args, m, best_mult[m], seed) for seed in other_seeds for m in best_mult]):
+        row['chosen'] = not row['failed']
+        rows.append(row)
+    # phase 3: shorter complete schedules, chosen LR, every seed
+    for row in train_runs(args, [run_spec(args, m, best_mult[m], seed, epochs)
+                                 for epochs in sorted(args.budgets) for seed in args.seeds for m in best_mult
+                                 if args.budget_methods is None or m in args.budget_methods]):
+        row['budget'] = True
+        rows.append(row)
     target_method = 'bp_sgd' if 'bp_sgd' in args.methods else args.methods[0]
     target, bp_time, table = summarize(rows, list(best_mult), target_method)
     for m in table:

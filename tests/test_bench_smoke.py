@@ -151,6 +151,15 @@ def test_time_to_accuracy_smoke(tmp_path):
         expected = min(crossings) / data['meta']['bp_sgd_time'] if crossings else None
         assert entry['time_to_target_any'] == [expected]
     assert 'every schedule' in budgets
+    # the same 2-epoch runs with --interleave-epochs: one epoch at a time, in step, and exactly the same curves
+    interleaved = _run('time_to_accuracy.py', '--methods', 'bp_sgd', 'dbp_kron', '--lr-mults', '1', '--seeds', '0',
+                       '--epochs', '2', '--interleave-epochs', '--train-num-samples', '128', '--val-num-samples',
+                       '128', '--runs-dir', str(tmp_path / 'runs_interleaved'), '--out', str(tmp_path / 'ti'))
+    calls = [line.split(':')[0] for line in interleaved.splitlines() if line.startswith('===')]
+    assert calls == [f'=== {m} lr 0.05 seed 0 epochs 2, epoch {e}' for e in (1, 2) for m in ('bp_sgd', 'dbp_kron')]
+    chunked = json.loads((tmp_path / 'ti.json').read_text())['rows']
+    assert [[a for _, a in r['curve']] for r in chunked] == [
+        [a for _, a in r['curve']] for r in data['rows'] if r.get('chosen')]
     # fixed multipliers skip the sweep (x2 is never trained) and shorter schedules only for --budget-methods: every
     # run needed is in the runs directory already, so nothing trains
     fixed = _run('time_to_accuracy.py', '--methods', 'bp_sgd', 'dbp_kron', '--lr-mults', '1', '2', '--fixed-lr-mults',
