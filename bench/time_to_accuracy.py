@@ -40,7 +40,8 @@ for every method, so that the tuning budget stays equal; the JSON records them.
     python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --lr-mults 1 2 4 --extend-edges 2 ...  # x0.5 / x8 ...
     python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --fixed-lr-mults bp_sgd=4 dbp_kron=8 --epochs 12 \\
         --budgets 6 --budget-methods dbp_kron ...   # 12 epochs at the 6-epoch choices; DBP's 6-epoch schedule too
-    python bench/time_to_accuracy.py ... --interleave-epochs   # runs advance epoch by epoch in step (machine drift)
+    python bench/time_to_accuracy.py --methods bp_sgd dbp_kron --fixed-lr-mults bp_sgd=4 dbp_kron=8 --epochs 6 \\
+        --method-epochs dbp_kron=4 --interleave-epochs ...   # BP's 6 epochs against DBP's 4, epoch by epoch in step
 """
 import argparse
 import csv
@@ -164,6 +165,9 @@ parser.add_argument('--budget-methods', nargs='+', default=None, metavar='METHOD
                     help='train the --budgets schedules for these methods only (default: every method)')
 parser.add_argument('--fixed-lr-mults', nargs='+', default=[], metavar='METHOD=MULT',
                     help='methods that skip the sweep and train at this LR multiplier (chosen on another schedule)')
+parser.add_argument('--method-epochs', nargs='+', default=[], metavar='METHOD=EPOCHS',
+                    help='these methods train a schedule of EPOCHS instead of --epochs (with --fixed-lr-mults: a '
+                         'shorter schedule chosen in another run of the protocol); the target stays BP-SGD\'s')
 parser.add_argument('--extend-edges', type=int, default=0, metavar='N',
                     help='widen the sweep (for every method) beyond an edge where some method\'s best LR lies, up to '
                          'N times')
@@ -184,8 +188,8 @@ parser.add_argument('--out', required=True, help='output prefix: writes <out>.js
 
 
 def run_spec(args, method, lr_mult, seed, epochs=None):
-    """What train.py runs for one (method, lr multiplier, seed, schedule of `epochs`, default --epochs)."""
-    epochs = epochs or args.epochs
+    """What train.py runs for one (method, lr multiplier, seed, schedule of `epochs`, default the method's)."""
+    epochs = epochs or args.schedules.get(method, args.epochs)
     prefix, opt, base_lr, extra, *env = METHODS[method]
     if args.model_kwargs:  # one --model-kwargs flag: train.py keeps only the last one
         at = extra.index('--model-kwargs') + 1 if '--model-kwargs' in extra else len(extra)
@@ -323,20 +327,21 @@ def plot(rows, table, path, target):
     fig.savefig(path)
 
 
-def parse_fixed_lr_mults(items, methods):
-    """{method: multiplier} from METHOD=MULT strings; ValueError names the bad item."""
-    fixed = {}
+def parse_per_method(items, methods, flag, convert=float):
+    """{method: value > 0} from METHOD=VALUE strings (`convert`: float or int); ValueError names the bad item."""
+    values = {}
     for item in items:
-        method, sep, mult = item.partition('=')
+        method, sep, value = item.partition('=')
         if not sep or method not in methods:
-            raise ValueError(f'--fixed-lr-mults takes METHOD=MULT with METHOD one of --methods {methods}, got {item!r}')
+            raise ValueError(f'{flag} takes METHOD=VALUE with METHOD one of --methods {methods}, got {item!r}')
         try:
-            fixed[method] = float(mult)
+            values[method] = convert(value)
         except ValueError:
-            fixed[method] = float('nan')
-        if not 0 < fixed[method] < float('inf'):  # also NaN
-            raise ValueError(f'--fixed-lr-mults: the multiplier must be a positive number, got {item!r}')
-    return fixed
+            values[method] = float('nan')
+        if not 0 < values[method] < float('inf'):  # also NaN
+            kind = 'integer' if convert is int else 'number'
+            raise ValueError(f'{flag}: the value must be a positive {kind}, got {item!r}')
+    return values
 
 
 def edge_extension(mults, best):
@@ -379,16 +384,19 @@ def sweep_table(rows, methods, mults, seed):
 
 def main():
     args = parser.parse_args()
-    if any(not 1 <= e < args.epochs for e in args.budgets):
+    if any(not 1 <= e < args.epochs for e in args.budgets):  # (and shorter than --method-epochs, below)
         parser.error(f'--budgets must be epoch counts from 1 to --epochs - 1 ({args.epochs - 1}), got {args.budgets}')
     if args.extend_edges < 0:
         parser.error(f'--extend-edges must be 0 or more, got {args.extend_edges}')
     if args.budget_methods is not None and not set(args.budget_methods) <= set(args.methods):
         parser.error(f'--budget-methods must be some of --methods {args.methods}, got {args.budget_methods}')
     try:
-        fixed = parse_fixed_lr_mults(args.fixed_lr_mults, args.methods)
+        fixed = parse_per_method(args.fixed_lr_mults, args.methods, '--fixed-lr-mults')
+        args.schedules = parse_per_method(args.method_epochs, args.methods, '--method-epochs', int)
     except ValueError as e:
         parser.error(str(e))
+    if any(e >= min([args.epochs, *args.schedules.values()]) for e in args.budgets):
+        parser.error(f'--budgets must be shorter than every method\'s schedule, got {args.budgets}')
     args.train_flag_list = shlex.split(args.train_flags)
     rows = []
     sweep_seed, other_seeds = args.seeds[0], args.seeds[1:]

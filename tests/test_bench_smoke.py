@@ -172,6 +172,14 @@ def test_time_to_accuracy_smoke(tmp_path):
         ('bp_sgd', 2, 1.0), ('dbp_kron', 1, 1.0), ('dbp_kron', 2, 1.0)]
     assert 'budget_final_top1' not in data['table']['bp_sgd'] and 'budget_final_top1' in data['table']['dbp_kron']
     assert data['meta']['args']['fixed_lr_mults'] == ['bp_sgd=1', 'dbp_kron=1']
+    # a method's own schedule (--method-epochs): BP-SGD's 2 epochs against DBP's 1, both trained already
+    own = _run('time_to_accuracy.py', '--methods', 'bp_sgd', 'dbp_kron', '--fixed-lr-mults', 'bp_sgd=1', 'dbp_kron=1',
+               '--epochs', '2', '--method-epochs', 'dbp_kron=1', '--seeds', '0', '--train-num-samples', '128',
+               '--val-num-samples', '128', '--runs-dir', str(tmp_path / 'runs'), '--out', str(tmp_path / 't6'))
+    assert '===' not in own
+    rows = json.loads((tmp_path / 't6.json').read_text())['rows']
+    assert [(r['method'], r['epochs'], len(r['curve']), r.get('chosen')) for r in rows] == [
+        ('bp_sgd', 2, 2, True), ('dbp_kron', 1, 1, True)]
     # a best LR at an edge widens the sweep: a one-point sweep is all edge, so x0.5 and x2 are added (x1 is read)
     wide = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'time_to_accuracy.py'), '--methods', 'bp_sgd',
                            '--lr-mults', '1', '--extend-edges', '1', '--seeds', '0', '--epochs', '1',
@@ -192,11 +200,14 @@ def test_time_to_accuracy_smoke(tmp_path):
     for flags, message in [(['--epochs', '2', '--budgets', '2'], '--budgets must be'),
                            (['--extend-edges', '-1'], '--extend-edges must be'),
                            (['--methods', 'bp_sgd', '--budget-methods', 'dbp_kron'], '--budget-methods must be'),
-                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'dbp_kron=2'], 'METHOD=MULT'),
-                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd'], 'METHOD=MULT'),
+                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'dbp_kron=2'], 'METHOD=VALUE'),
+                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd'], 'METHOD=VALUE'),
                            (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd=0'], 'positive number'),
                            (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd=nan'], 'positive number'),
-                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd=four'], 'positive number')]:
+                           (['--methods', 'bp_sgd', '--fixed-lr-mults', 'bp_sgd=four'], 'positive number'),
+                           (['--methods', 'bp_sgd', '--method-epochs', 'bp_sgd=2.5'], 'positive integer'),
+                           (['--methods', 'bp_sgd', '--method-epochs', 'dbp_kron=2'], 'METHOD=VALUE'),
+                           (['--epochs', '4', '--budgets', '2', '--method-epochs', 'bp_sgd=2'], 'shorter than every')]:
         bad = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'time_to_accuracy.py'), *flags,
                               '--out', str(tmp_path / 'x')], capture_output=True, text=True)
         assert bad.returncode == 2 and message in bad.stderr, (flags, bad.stderr)
