@@ -27,12 +27,17 @@ def rows(path):
 
 def earlier_run(run):
     """49a's run of the same method and seed (a rerun in bench_s49 replaces a disturbed one of bench_s48)."""
-    paths = sorted(p for d in ('bench_s48', 'bench_s49') for p in glob.glob(os.path.join(HERE, '..', d, 'runs', NAME.format(run))))
+    paths = sorted(p for d in ('bench_s48', 'bench_s49')
+                   for p in glob.glob(os.path.join(HERE, '..', d, 'runs', NAME.format(run))))
     return rows(paths[-1]) if paths else None
 
 
-runs = {label: {s: rows(os.path.join(HERE, 'runs', NAME.format(run.format(s)))) for s in SEEDS
-                 if os.path.exists(os.path.join(HERE, 'runs', NAME.format(run.format(s))))} for label, run in RUNS.items()}
+def here(run):
+    return os.path.join(HERE, 'runs', NAME.format(run))
+
+
+runs = {label: {s: rows(here(run.format(s))) for s in SEEDS if os.path.exists(here(run.format(s)))}
+        for label, run in RUNS.items()}
 bp_label, dbp_label = RUNS
 seeds = sorted(set(runs[bp_label]) & set(runs[dbp_label]))
 target = statistics.median(runs[bp_label][s][-1][1] for s in seeds)
@@ -55,8 +60,9 @@ for label, run in RUNS.items():
         e = entry[s]
         fmt = lambda x: '-' if x is None else f'{x:.2f}'
         print(f'{label:22s} s{s}: top-1 {" / ".join(f"{a:.2f}" for a in e["top1"])}; time {e["time"]:.1f} s '
-              f'(epochs {" ".join(f"{t:.1f}" for t in epoch_times)}); to target / median {fmt(e["to_target_over_median"])}, '
-              f'/ same seed {fmt(e["to_target_over_same_seed"])}; top-1 as 49a: {e["top1_as_49a"]} (49a time {e["time_49a"]})')
+              f'(epochs {" ".join(f"{t:.1f}" for t in epoch_times)}); to target / median '
+              f'{fmt(e["to_target_over_median"])}, / same seed {fmt(e["to_target_over_same_seed"])}; '
+              f'top-1 as 49a: {e["top1_as_49a"]} (49a time {e["time_49a"]})')
     for key in ('to_target_over_median', 'to_target_over_same_seed'):
         values = [entry[s][key] if entry[s][key] is not None else float('inf') for s in seeds]
         entry[f'{key}_median'] = statistics.median(values)
