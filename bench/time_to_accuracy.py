@@ -384,8 +384,6 @@ def sweep_table(rows, methods, mults, seed):
 
 def main():
     args = parser.parse_args()
-    if any(not 1 <= e < args.epochs for e in args.budgets):  # (and shorter than --method-epochs, below)
-        parser.error(f'--budgets must be epoch counts from 1 to --epochs - 1 ({args.epochs - 1}), got {args.budgets}')
     if args.extend_edges < 0:
         parser.error(f'--extend-edges must be 0 or more, got {args.extend_edges}')
     if args.budget_methods is not None and not set(args.budget_methods) <= set(args.methods):
@@ -395,8 +393,10 @@ def main():
         args.schedules = parse_per_method(args.method_epochs, args.methods, '--method-epochs', int)
     except ValueError as e:
         parser.error(str(e))
-    if any(e >= min([args.epochs, *args.schedules.values()]) for e in args.budgets):
-        parser.error(f'--budgets must be shorter than every method\'s schedule, got {args.budgets}')
+    shortest = min([args.epochs, *args.schedules.values()])
+    if any(not 1 <= e < shortest for e in args.budgets):
+        parser.error(f'--budgets must be epoch counts from 1 to {shortest - 1}, shorter than every method\'s schedule '
+                     f'(--epochs, --method-epochs), got {args.budgets}')
     args.train_flag_list = shlex.split(args.train_flags)
     rows = []
     sweep_seed, other_seeds = args.seeds[0], args.seeds[1:]
